@@ -1,0 +1,192 @@
+"""The quantool command line: parse, call the library, print. No algorithms live here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from quantool import __version__
+from quantool.errors import QuantoolError
+from quantool.units import fmt_bytes, fmt_count, parse_count
+
+out = Console()
+err = Console(stderr=True)
+
+
+class Group(click.Group):
+    """Turns QuantoolError into one red line and exit code 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except QuantoolError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/] (work so far is kept where the command supports --resume)")
+            sys.exit(130)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="quantool")
+def main():
+    """Will it fit, how do I shrink it, and what did shrinking cost?
+
+    \b
+    quantool memory --params 7B --method qlora        plan GPU memory (no download)
+    quantool gptq ./model --bits 4 -o ./model-gptq    quantize (also awq, rtn, int8, nf4)
+    quantool bench ./model ./model-gptq -o r.json     perplexity and speed vs fp16
+    quantool report r.json -o reports/r.md            Markdown comparison with plots
+    quantool run recipes/compare-all.yaml ./model     a whole pipeline from a recipe
+    quantool qat ./model --data train.txt -o ./qat    quantization-aware fine-tuning
+    """
+
+
+# -- memory ------------------------------------------------------------------------------------------
+
+def _targets(value: str | None) -> tuple[str, ...]:
+    if value is None:
+        return ("all",)
+    return tuple(v.strip() for v in value.split(",") if v.strip()) or ("all",)
+
+
+@main.command()
+@click.option("--params", help="Model size, e.g. 500M, 1.5B, 7B, 70B (Llama-shaped).")
+@click.option("--model", "model_spec", help="Catalog name (llama-3-8b, qwen2.5-7b, ...), config.json or model dir.")
+@click.option("--method", default="inference", show_default=True, type=click.Choice(["inference", "full", "lora", "qlora", "qat"]))
+@click.option("--batch", default=1, show_default=True, type=int)
+@click.option("--seq", default=2048, show_default=True, type=int, help="Training sequence length, or prompt length for inference.")
+@click.option("--gen", default=256, show_default=True, type=int, help="New tokens generated (inference).")
+@click.option("--weights-dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16", "fp32"]))
+@click.option("--autocast", is_flag=True, help="fp32 master weights with bf16 autocast (mixed precision).")
+@click.option("--optimizer", default="adamw", show_default=True, type=click.Choice(["adamw", "adamw8bit", "paged-adamw8bit", "sgd"]))
+@click.option("--grad-checkpointing/--no-grad-checkpointing", default=None, help="Default: on for qlora (as PEFT sets it), off otherwise.")
+@click.option("--lora-rank", type=int, help="LoRA rank (default 16) for lora/qlora/qat.")
+@click.option("--lora-targets", help="all, qv, or a comma list such as q_proj,v_proj (default all).")
+@click.option("--quant", default="none", show_default=True, type=click.Choice(["none", "int8", "nf4"]), help="Frozen base quantization.")
+@click.option("--kv-dtype", type=click.Choice(["bf16", "fp16", "fp32", "fp8", "int8", "int4"]), help="KV-cache dtype (default: weights dtype).")
+@click.option("--gpus", default=1, show_default=True, type=int)
+@click.option("--zero", default=0, show_default=True, type=click.IntRange(0, 3), help="DeepSpeed ZeRO stage for data parallel training.")
+@click.option("--gpu", "gpu_spec", help="GPU name or size to check against: h100-80gb, rtx4090, 24GiB ...")
+@click.option("--solve", "solve_for", type=click.Choice(["batch", "seq"]), help="Find the largest batch or seq that fits --gpu.")
+@click.option("--measure", is_flag=True, help="Also run the workload on this machine's CUDA GPU and compare.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def memory(params, model_spec, method, batch, seq, gen, weights_dtype, autocast, optimizer, grad_checkpointing,
+           lora_rank, lora_targets, quant, kv_dtype, gpus, zero, gpu_spec, solve_for, measure, as_json):
+    """Plan GPU memory for inference or training, before renting a GPU.
+
+    \b
+    Examples:
+      quantool memory --params 7B --method qlora
+      quantool memory --model llama-3-8b --method lora --batch 4 --seq 4096 --gpu h100-80gb
+      quantool memory --model ./my-model --gpu 24GiB --solve batch
+      quantool memory --params 70B --method full --gpus 8 --zero 3 --optimizer adamw8bit --json
+    """
+    from quantool.memory import Job, estimate, from_param_count, resolve_model, solve
+    from quantool.memory.gpus import gpu_bytes
+
+    if bool(params) == bool(model_spec):
+        raise QuantoolError("give exactly one of --params (e.g. 7B) or --model (catalog name, config.json or model dir)")
+    shape = from_param_count(parse_count(params)) if params else resolve_model(model_spec)
+    lora_given = lora_rank is not None or lora_targets is not None
+    if lora_given and method not in ("lora", "qlora", "qat"):
+        raise QuantoolError(f"--lora-rank/--lora-targets need --method lora, qlora or qat (got --method {method})")
+    if solve_for and not gpu_spec:
+        raise QuantoolError("--solve needs --gpu NAME|SIZE to know the budget")
+    rank = lora_rank if lora_rank is not None else (16 if method in ("lora", "qlora") else 0)
+    job = Job(method=method, batch=batch, seq=seq, gen=gen, weights_dtype=weights_dtype, autocast=autocast,
+              optimizer=optimizer, grad_checkpointing=grad_checkpointing, lora_rank=rank,
+              lora_targets=_targets(lora_targets), quant=quant, kv_dtype=kv_dtype, gpus=gpus, zero=zero).validate()
+    gpu = gpu_bytes(gpu_spec) if gpu_spec else None
+    solved = None
+    if solve_for:
+        value, _ = solve(shape, job, gpu[1], solve_for)
+        if value == 0:
+            raise QuantoolError(f"even {solve_for} 1 does not fit {gpu[0]}: reduce the model, use --quant nf4/qlora, or add --gpus")
+        job = replace(job, **{solve_for: value})
+        solved = {solve_for: value}
+    plan = estimate(shape, job)
+    measured = None
+    if measure:
+        from quantool.memory.measure import measure as run_measure
+
+        measured = run_measure(shape, job)
+    if as_json:
+        click.echo(json.dumps(_plan_json(plan, gpu, solved, measured), indent=2))
+        return
+    _print_plan(plan, gpu, solved, measured)
+
+
+def _plan_json(plan, gpu, solved, measured) -> dict:
+    from dataclasses import asdict
+
+    data = {
+        "peak_bytes": plan.peak_bytes,
+        "components": {k: int(v) for k, v in plan.components.items()},
+        "params": plan.params,
+        "trainable_params": plan.trainable_params,
+        "peak_phase": plan.phase,
+        "phases": {k: int(v) for k, v in plan.phases.items()},
+        "outside_allocator": {k: int(v) for k, v in plan.outside_allocator.items()},
+        "device_bytes": plan.device_bytes,
+        "model": plan.shape.to_dict(),
+        "job": asdict(plan.job),
+        "notes": plan.notes,
+    }
+    if gpu:
+        data["gpu"] = {"name": gpu[0], "bytes": gpu[1], "fits": plan.device_bytes <= gpu[1], "headroom_bytes": gpu[1] - plan.device_bytes}
+    if solved:
+        data["solved"] = solved
+    if measured:
+        data["measured"] = measured
+    return data
+
+
+def _print_plan(plan, gpu, solved, measured):
+    from quantool.memory.plan import estimate
+
+    job = plan.job
+    out.print(f"[bold]{plan.shape.describe()}[/]", highlight=False)
+    out.print(f"{fmt_count(plan.params)} parameters, {fmt_count(plan.trainable_params)} trainable; "
+              f"method [bold]{job.method}[/], batch {job.batch}, seq {job.seq}" + (f", gen {job.gen}" if job.method == "inference" else ""), highlight=False)
+    for note in plan.notes:
+        out.print(f"[dim]- {note}[/]", highlight=False)
+    table = Table(title=f"Predicted peak of torch.cuda.max_memory_allocated() — at {plan.phase}", title_justify="left")
+    table.add_column("component")
+    table.add_column("bytes", justify="right")
+    table.add_column("share", justify="right")
+    for name, value in sorted(plan.components.items(), key=lambda kv: -kv[1]):
+        table.add_row(name, fmt_bytes(value), f"{100 * value / plan.peak_bytes:.1f}%")
+    table.add_row("[bold]peak (allocated)[/]", f"[bold]{fmt_bytes(plan.peak_bytes)}[/]", "100%")
+    for name, value in plan.outside_allocator.items():
+        table.add_row(f"[dim]+ {name}[/]", f"[dim]{fmt_bytes(value)}[/]", "")
+    table.add_row("[bold]as nvidia-smi would show[/]", f"[bold]{fmt_bytes(plan.device_bytes)}[/]", "")
+    out.print(table)
+    if job.method in ("lora", "qlora"):
+        full = estimate(plan.shape, replace(job, method="full", quant="none", lora_rank=0, grad_checkpointing=job.checkpointing,
+                                            weights_dtype="bf16", autocast=False))
+        saved = full.peak_bytes - plan.peak_bytes
+        out.print(f"vs full fine-tuning (bf16, AdamW, same batch/seq): {fmt_bytes(full.peak_bytes)} -> "
+                  f"{fmt_bytes(plan.peak_bytes)}, saves {fmt_bytes(saved)} ({100 * saved / full.peak_bytes:.0f}%)")
+    if measured:
+        err_pct = 100 * (plan.peak_bytes - measured["peak_bytes"]) / measured["peak_bytes"]
+        out.print(f"measured on {measured['gpu']}: peak {fmt_bytes(measured['peak_bytes'])} "
+                  f"(prediction off by {err_pct:+.1f}%), weights {fmt_bytes(measured['weights_bytes'])}")
+    if solved:
+        (what, value), = solved.items()
+        out.print(f"largest {what} that fits {gpu[0]}: [bold]{value}[/]")
+    if gpu:
+        room = gpu[1] - plan.device_bytes
+        verdict = "[green]fits[/]" if room >= 0 else "[red]does not fit[/]"
+        out.print(f"{verdict} on {gpu[0]} ({fmt_bytes(gpu[1])}): headroom {fmt_bytes(room)}")
+    else:
+        out.print(f"needs about {fmt_bytes(plan.device_bytes)} of GPU memory (pass --gpu to check a card)")
+
+
+def run():
+    main()

@@ -1,0 +1,125 @@
+"""Run the predicted workload on a CUDA GPU with random weights and record the real peak.
+
+The recipes are exactly those `plan.py` predicts (README, "What is predicted"). Weights are random
+(`from_config`), which changes no byte of memory; bitsandbytes layers are swapped in on the GPU the
+way `from_pretrained(quantization_config=...)` builds them.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+
+from quantool.errors import QuantoolError
+from quantool.memory.plan import Job
+from quantool.memory.shapes import ModelShape
+
+
+def hf_config(shape: ModelShape):
+    """A transformers config with this shape (Llama, or Qwen2 where only q/k/v carry biases)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                  num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                  head_dim=shape.head_dim, tie_word_embeddings=shape.tied, max_position_embeddings=max(shape.max_position, 8192))
+    if shape.mlp != "gated" or shape.experts or shape.norms_per_layer != 2:
+        raise QuantoolError(f"--measure builds Llama-family shapes only; {shape.name} has a different block")
+    return Qwen2Config(**common) if shape.qkv_bias else LlamaConfig(**common)
+
+
+def _swap_bnb_linears(model, quant: str, torch):
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for name, child in list(layer.named_modules()):
+            if not isinstance(child, torch.nn.Linear):
+                continue
+            parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+            w = child.weight.data
+            if quant == "nf4":
+                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                        compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4", device="meta")
+                new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=64).to(w.device)
+            else:
+                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                          has_fp16_weights=False, threshold=6.0, device="meta")
+                new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False).to(w.device)
+            if child.bias is not None:
+                new.bias = child.bias
+            setattr(parent, name.rsplit(".", 1)[-1], new)
+            del child, w
+    torch.cuda.empty_cache()
+
+
+def _optimizer(name: str, params, torch):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-5)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-5)
+    import bitsandbytes as bnb
+
+    return (bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit)(params, lr=1e-5)
+
+
+def measure(shape: ModelShape, job: Job, steps: int = 2) -> dict:
+    """Build the job, run it, return measured peaks in bytes (needs CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise QuantoolError("--measure needs a CUDA GPU; none is visible (torch.cuda.is_available() is False)")
+    if job.gpus > 1:
+        raise QuantoolError("--measure runs on one GPU; drop --gpus")
+    from transformers import AutoModelForCausalLM
+
+    job.validate()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[job.weights_dtype]
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(hf_config(shape), dtype=dtype, attn_implementation="sdpa")
+    if job.base_quant != "none":
+        _swap_bnb_linears(model, job.base_quant, torch)
+    if job.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model.is_loaded_in_4bit = True
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=job.checkpointing)
+    elif job.checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    if job.uses_lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = "all-linear" if job.lora_targets == ("all",) else (["q_proj", "v_proj"] if job.lora_targets == ("qv",) else list(job.lora_targets))
+        model = get_peft_model(model, LoraConfig(r=job.lora_rank, lora_alpha=2 * job.lora_rank, lora_dropout=0.0, target_modules=targets))
+    torch.cuda.synchronize()
+    weights = torch.cuda.memory_allocated()
+    ids = torch.randint(0, shape.vocab, (job.batch, job.seq), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    if job.method == "inference":
+        model.eval()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=job.gen, min_new_tokens=job.gen,
+                           do_sample=False, pad_token_id=0)
+    else:
+        model.train()
+        opt = _optimizer(job.optimizer, [p for p in model.parameters() if p.requires_grad], torch)
+        for _ in range(steps):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=job.autocast):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return {
+        "peak_bytes": torch.cuda.max_memory_allocated(),
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+        "weights_bytes": weights,
+        "device_used_bytes": total - free,
+        "seconds": time.perf_counter() - start,
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "python": platform.python_version(),
+    }

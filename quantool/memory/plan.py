@@ -1,0 +1,436 @@
+"""GPU-memory formulas for inference and training of a decoder-only LM: pure arithmetic, no torch.
+
+The prediction targets `torch.cuda.max_memory_allocated()` for the standard recipes (see README,
+"What is predicted"): HF transformers with sdpa attention; training = forward with labels, backward,
+optimizer step, `zero_grad(set_to_none=True)`; LoRA = PEFT (adapters upcast to fp32, each LoRA module
+casting its input to fp32); QLoRA = bitsandbytes NF4 + double quant, bf16 compute,
+`prepare_model_for_kbit_training` (non-quantized params to fp32, gradient checkpointing on);
+inference = `generate` with the default DynamicCache.
+
+Activations are an inventory of the tensors autograd saves per decoder layer (the approach of
+Korthikanti et al. 2022, "Reducing Activation Recomputation", Sec. 4.1, redone for SwiGLU, RMSNorm,
+sdpa flash attention, LoRA and autocast casts), keyed so that tensors shared by several ops count once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from quantool.errors import QuantoolError
+from quantool.memory.shapes import ModelShape
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
+METHODS = ("inference", "full", "lora", "qlora", "qat")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged-adamw8bit", "sgd")
+QUANTS = ("none", "int8", "nf4")
+NF4_BLOCK, NF4_DQ_BLOCK, ADAM8_BLOCK = 64, 256, 2048
+CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context + kernels of torch, outside the caching allocator
+
+
+@dataclass(frozen=True)
+class Job:
+    """What runs on the GPU. Defaults: bf16 weights, batch 1, 2048-token sequences."""
+
+    method: str = "inference"
+    batch: int = 1
+    seq: int = 2048
+    gen: int = 256
+    weights_dtype: str = "bf16"
+    autocast: bool = False
+    optimizer: str = "adamw"
+    grad_checkpointing: bool | None = None  # None: the method's default (on for qlora, as PEFT does)
+    lora_rank: int = 16
+    lora_targets: tuple[str, ...] = ("all",)
+    quant: str = "none"
+    kv_dtype: str | None = None
+    gpus: int = 1
+    zero: int = 0
+
+    @property
+    def training(self) -> bool:
+        return self.method != "inference"
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method in ("lora", "qlora") or (self.method == "qat" and self.lora_rank > 0)
+
+    @property
+    def checkpointing(self) -> bool:
+        return self.method == "qlora" if self.grad_checkpointing is None else self.grad_checkpointing
+
+    @property
+    def base_quant(self) -> str:
+        return "nf4" if self.method == "qlora" else self.quant
+
+    def validate(self) -> "Job":
+        for name, value, allowed in (("method", self.method, METHODS), ("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("quant", self.quant, QUANTS), ("weights-dtype", self.weights_dtype, ("bf16", "fp16", "fp32"))):
+            if value not in allowed:
+                raise QuantoolError(f"unknown --{name} {value!r}: choose one of {', '.join(allowed)}")
+        for name, value in (("batch", self.batch), ("seq", self.seq), ("gpus", self.gpus)):
+            if value < 1:
+                raise QuantoolError(f"--{name} must be a positive integer, got {value}")
+        if self.gen < 0 or self.lora_rank < 0:
+            raise QuantoolError("--gen and --lora-rank must not be negative")
+        if self.kv_dtype is not None and self.kv_dtype not in DTYPE_BYTES:
+            raise QuantoolError(f"unknown --kv-dtype {self.kv_dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
+        if self.zero not in (0, 1, 2, 3):
+            raise QuantoolError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
+        if self.method == "qlora" and self.quant not in ("none", "nf4"):
+            raise QuantoolError(f"--method qlora quantizes the base to nf4; it cannot use --quant {self.quant} (use --method lora --quant {self.quant})")
+        if self.method in ("full", "qat") and self.quant != "none":
+            raise QuantoolError(f"--method {self.method} trains every weight, so the base cannot be --quant {self.quant}: use --method lora or qlora")
+        if self.uses_lora and self.lora_rank == 0:
+            raise QuantoolError(f"--method {self.method} needs --lora-rank of at least 1")
+        if self.zero and not self.training:
+            raise QuantoolError("--zero applies to training; inference shards layers across --gpus instead")
+        if self.autocast and self.weights_dtype != "fp32" and self.method == "full":
+            raise QuantoolError("--autocast keeps fp32 master weights: use it with --weights-dtype fp32 (or drop it for pure bf16)")
+        return self
+
+
+@dataclass
+class Plan:
+    """A prediction: the components live at the peak, and the peak itself."""
+
+    shape: ModelShape
+    job: Job
+    components: dict[str, float]
+    phase: str
+    params: int
+    trainable_params: int
+    phases: dict[str, float] = field(default_factory=dict)
+    outside_allocator: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> int:
+        return int(sum(self.components.values()))
+
+    @property
+    def device_bytes(self) -> int:
+        """What nvidia-smi would show: the peak plus what lives outside the caching allocator."""
+        return self.peak_bytes + int(sum(self.outside_allocator.values()))
+
+
+# -- building blocks -------------------------------------------------------------------------------
+
+def _target_names(shape: ModelShape, job: Job) -> set[str]:
+    names = set(shape.linears())
+    if not job.uses_lora:
+        return set()
+    if job.lora_targets in (("all",), ("all-linear",)):
+        return names
+    if job.lora_targets == ("qv",):
+        return {"q_proj", "v_proj"}
+    unknown = set(job.lora_targets) - names
+    if unknown:
+        raise QuantoolError(f"unknown --lora-targets {', '.join(sorted(unknown))}: this model's linears are {', '.join(shape.linears())}")
+    return set(job.lora_targets)
+
+
+def lora_params(shape: ModelShape, job: Job) -> int:
+    targets = _target_names(shape, job)
+    per_layer = 0
+    for name, (i, o) in shape.linears().items():
+        if name in targets:
+            per_layer += job.lora_rank * (i + o) * (max(shape.experts, 1) if name in shape.mlp_names() else 1)
+    return per_layer * shape.layers
+
+
+def quantized_linear_bytes(n_params: int, rows: int, quant: str) -> float:
+    """Storage of bitsandbytes-quantized linear weights (data + quantization metadata)."""
+    if quant == "nf4":  # 4-bit codes, uint8 absmax per 64 (double quant), fp32 absmax per 256 blocks, 256-entry code
+        return n_params / 2 + n_params / NF4_BLOCK + 4 * n_params / (NF4_BLOCK * NF4_DQ_BLOCK)
+    if quant == "int8":  # int8 codes + fp32 scale per output row (SCB)
+        return n_params + 4 * rows
+    raise ValueError(quant)
+
+
+def weight_bytes(shape: ModelShape, job: Job) -> dict[str, float]:
+    """Weights by kind: quantized or plain linears, and the rest (embeddings, norms, lm_head)."""
+    wb = DTYPE_BYTES[job.weights_dtype]
+    lin = shape.linear_params_per_layer() * shape.layers
+    rows = shape.layers * sum(o * (max(shape.experts, 1) if n in shape.mlp_names() else 1) for n, (_, o) in shape.linears().items())
+    rest = shape.param_count() - lin
+    rest_bytes = 4 if job.method == "qlora" else wb  # prepare_model_for_kbit_training upcasts the rest to fp32
+    out = {"weights (other: embeddings, norms, lm_head)": rest * rest_bytes}
+    if job.base_quant == "none":
+        out["weights (linear layers)"] = lin * wb
+    else:
+        out[f"weights (linear layers, {job.base_quant} + quant metadata)"] = quantized_linear_bytes(lin, rows, job.base_quant)
+    return out
+
+
+def _stream_bytes(job: Job) -> int:
+    """dtype of the residual stream: the embedding's dtype."""
+    if job.method == "qlora" or job.weights_dtype == "fp32":
+        return 4
+    return DTYPE_BYTES[job.weights_dtype]
+
+
+class _Saved:
+    """Tensors kept for backward, keyed by identity so shared tensors count once."""
+
+    def __init__(self):
+        self.items: dict[str, float] = {}
+
+    def add(self, key: str, nbytes: float):
+        self.items.setdefault(key, nbytes)
+
+    def total(self) -> float:
+        return sum(self.items.values())
+
+
+def _linear_saves(saved: _Saved, name: str, x_key: str, x_bytes: int, width: int, mode: str, job: Job) -> int:
+    """Record what one linear saves; return its output's dtype bytes.
+
+    mode: "full" (weight trains), "frozen", "lora" (frozen base + fp32 adapter).
+    """
+    compute = 2 if job.autocast else x_bytes
+    if mode == "full":
+        if job.autocast and x_bytes != 2:
+            saved.add(f"{name}.in_bf16", 2 * width)  # autocast casts the input per op, mm saves the copy
+        else:
+            saved.add(x_key, x_bytes * width)
+        return compute
+    if mode == "lora":
+        adapter = 2 if job.autocast else 4
+        if adapter == x_bytes:
+            saved.add(x_key, x_bytes * width)
+        else:
+            saved.add(f"{name}.lora_in", adapter * width)  # PEFT's per-module cast of the input
+        saved.add(f"{name}.lora_mid", adapter * job.lora_rank)
+    return x_bytes if job.base_quant != "none" else compute  # bnb casts its output back to the input dtype
+
+
+def _norm_saves(saved: _Saved, key: str, x_bytes: int, hidden: int, trainable: bool, layer_norm: bool) -> int:
+    """RMSNorm (transformers): fp32 upcast saved by pow/mul, rsqrt, and the normalized input if the weight trains."""
+    if layer_norm:
+        saved.add(f"{key}.x", x_bytes * hidden)
+        saved.add(f"{key}.stats", 8)
+        return x_bytes
+    saved.add(f"{key}.x_fp32", 4 * hidden)
+    saved.add(f"{key}.rsqrt", 4)
+    if trainable:
+        saved.add(f"{key}.normed", x_bytes * hidden)
+    return x_bytes
+
+
+def layer_saved_bytes_per_token(shape: ModelShape, job: Job) -> float:
+    """Bytes autograd keeps per token for one decoder layer (no checkpointing)."""
+    saved = _Saved()
+    targets = _target_names(shape, job)
+    full = job.method in ("full", "qat") and not job.uses_lora
+    mode = lambda n: "full" if full else ("lora" if n in targets else "frozen")  # noqa: E731
+    sb = _stream_bytes(job)
+    layer_norm = shape.norm == "layer"
+
+    y = _norm_saves(saved, "attn_norm", sb, shape.hidden, full, layer_norm)
+    q_b = _linear_saves(saved, "q", "attn_norm.out", y, shape.hidden, mode("q_proj"), job)
+    k_b = _linear_saves(saved, "k", "attn_norm.out", y, shape.hidden, mode("k_proj"), job)
+    v_b = _linear_saves(saved, "v", "attn_norm.out", y, shape.hidden, mode("v_proj"), job)
+    # q * cos promotes to the stream dtype (cos is cast to the hidden states' dtype); autocast casts to bf16
+    attn_b = 2 if job.autocast else max(q_b, k_b, v_b, sb)
+    saved.add("attn.q", attn_b * shape.q_dim)  # flash/efficient sdpa saves q, k, v, out and logsumexp
+    saved.add("attn.k", attn_b * shape.kv_dim)
+    saved.add("attn.v", attn_b * shape.kv_dim)
+    saved.add("attn.out", attn_b * shape.q_dim)
+    saved.add("attn.lse", 4 * shape.heads)
+    _linear_saves(saved, "o", "attn.out", attn_b, shape.q_dim, mode("o_proj"), job)  # a view of sdpa's output
+
+    y = _norm_saves(saved, "mlp_norm", sb, shape.hidden, full, layer_norm)
+    if shape.mlp == "gated":
+        g_b = _linear_saves(saved, "gate", "mlp_norm.out", y, shape.hidden, mode("gate_proj"), job)
+        u_b = _linear_saves(saved, "up", "mlp_norm.out", y, shape.hidden, mode("up_proj"), job)
+        act_b = max(g_b, u_b)
+        saved.add("mlp.gate", g_b * shape.intermediate)  # silu saves its input
+        saved.add("mlp.act", g_b * shape.intermediate)  # mul saves both factors
+        saved.add("mlp.up", u_b * shape.intermediate)
+        _linear_saves(saved, "down", "mlp.prod", act_b, shape.intermediate, mode("down_proj"), job)
+    else:
+        f_b = _linear_saves(saved, "fc1", "mlp_norm.out", y, shape.hidden, mode("fc1"), job)
+        saved.add("mlp.act_in", f_b * shape.intermediate)
+        _linear_saves(saved, "fc2", "mlp.act_out", f_b, shape.intermediate, mode("fc2"), job)
+    return saved.total()
+
+
+def _logits_bytes(shape: ModelShape, job: Job, tokens: int) -> tuple[float, float, float]:
+    """(forward, backward-start, after log_softmax backward) bytes of the logits and cross-entropy buffers.
+
+    transformers' ForCausalLMLoss upcasts logits to fp32 and calls cross_entropy (log_softmax + nll);
+    at the start of backward the saved log-probs, nll's dense gradient and log_softmax's output gradient
+    coexist: three fp32 [tokens, vocab] tensors.
+    """
+    lb = 4 if (job.method == "qlora" or (job.weights_dtype == "fp32" and not job.autocast)) else 2
+    per = tokens * shape.vocab
+    fwd = per * (lb + (4 if lb != 4 else 0) + 4)
+    bwd = per * 12
+    after = per * (4 + lb)  # log_softmax's input gradient and its cast back to the logits' dtype
+    return fwd, bwd, after
+
+
+def _kv_bytes(shape: ModelShape, job: Job, tokens: int) -> float:
+    kv = DTYPE_BYTES[job.kv_dtype] if job.kv_dtype else (4 if job.weights_dtype == "fp32" else 2)
+    return 2 * shape.layers * tokens * shape.kv_dim * kv
+
+
+def _largest_linear(shape: ModelShape) -> int:
+    return max(i * o for i, o in shape.linears().values())
+
+
+# -- phases ------------------------------------------------------------------------------------------
+
+def _inference(shape: ModelShape, job: Job, weights: dict[str, float]) -> Plan:
+    b, s, g = job.batch, job.seq, job.gen
+    wb = DTYPE_BYTES[job.weights_dtype]
+    shard = job.gpus
+    w = {k: v / shard for k, v in weights.items()}
+    kv_prefill = _kv_bytes(shape, job, b * s) / shard
+    kv_full = _kv_bytes(shape, job, b * (s + g)) / shard
+    # Prefill: live tensors inside the busiest sub-block of one layer (MLP: silu(gate), up, product).
+    mlp_live = (3 if shape.mlp == "gated" else 2) * shape.intermediate * wb
+    attn_live = (2 * shape.q_dim + 2 * shape.kv_dim + shape.q_dim) * wb
+    prefill_act = b * s * (max(mlp_live, attn_live, 8 * shape.hidden) + 2 * shape.hidden * wb)
+    if job.base_quant == "nf4":
+        prefill_act += _largest_linear(shape) * wb  # bnb dequantizes the weight for multi-row matmuls
+    elif job.base_quant == "int8":
+        prefill_act += b * s * max(o for _, o in shape.linears().values()) * 4  # int32 accumulator
+    last_logits = b * shape.vocab * (wb + 4)  # generate keeps only the last position's logits, upcast to fp32
+    cat_growth = _kv_bytes(shape, job, b * (s + g)) / shape.layers / 2 / shard  # torch.cat copy of one layer's K
+    phases = {
+        "prefill": sum(w.values()) + kv_prefill + prefill_act + last_logits,
+        "decode (end)": sum(w.values()) + kv_full + cat_growth + last_logits,
+    }
+    phase = max(phases, key=phases.get)
+    comps = dict(w)
+    comps["KV cache"] = kv_prefill if phase == "prefill" else kv_full
+    if phase == "prefill":
+        comps["activations (prefill, transient)"] = prefill_act
+    else:
+        comps["KV cache growth (torch.cat copy)"] = cat_growth
+    comps["logits (last token)"] = last_logits
+    notes = [f"prefill {s} tokens, then {g} new tokens, batch {b}"]
+    if job.gpus > 1:
+        notes.append(f"layers split evenly over {job.gpus} GPUs (device_map='auto'); per-GPU figures")
+    return Plan(shape, job, comps, phase, shape.param_count(), 0, phases, notes=notes)
+
+
+def _training(shape: ModelShape, job: Job, weights: dict[str, float]) -> Plan:
+    b, s, n = job.batch, job.seq, job.gpus
+    tokens = b * s
+    params = shape.param_count()
+    trainable = lora_params(shape, job) if job.uses_lora else params
+    tb = 4 if (job.uses_lora or job.weights_dtype == "fp32") else DTYPE_BYTES[job.weights_dtype]
+    grads = trainable * tb
+    if job.optimizer == "adamw":
+        states, step_tmp = 2 * trainable * tb, trainable * tb  # foreach AdamW: sqrt(v) temporary of all params
+    elif job.optimizer in ("adamw8bit", "paged-adamw8bit"):
+        states, step_tmp = 2 * trainable + 2 * 4 * trainable / ADAM8_BLOCK, 0
+    else:
+        states, step_tmp = 0, 0
+    outside = {}
+    if job.optimizer == "paged-adamw8bit":
+        outside["optimizer states (paged, unified memory)"] = states
+        states = 0
+
+    comps_w = dict(weights)
+    if job.zero >= 1:
+        states, step_tmp = states / n, step_tmp / n
+    if job.zero >= 2:
+        grads = grads / n
+    if job.zero >= 3:
+        comps_w = {k: v / n for k, v in comps_w.items()}
+        comps_w["ZeRO-3 gathered layers (2 in flight)"] = 2 * sum(weights.values()) / shape.layers
+    if n > 1 and job.zero == 0:
+        comps_w["DDP gradient buckets"] = grads
+
+    per_layer = layer_saved_bytes_per_token(shape, job)
+    sb = _stream_bytes(job)
+    head_saved = 4 * shape.hidden + (sb * shape.hidden if job.method in ("full", "qat") and not job.uses_lora else 0)
+    if job.checkpointing:
+        acts = tokens * (shape.layers * sb * shape.hidden + head_saved)
+        recompute = tokens * per_layer  # one layer's activations rebuilt during backward
+    else:
+        acts = tokens * (shape.layers * per_layer + head_saved)
+        recompute = 0
+    extra = {}
+    if job.autocast:
+        extra["bf16 weight copies (autocast)"] = (shape.linear_params_per_layer() * shape.layers + (shape.lm_head_params() or shape.vocab * shape.hidden)) * 2
+    if job.method == "qat":
+        extra["fake-quantized weight copies"] = shape.linear_params_per_layer() * shape.layers * DTYPE_BYTES[job.weights_dtype]
+    logits_fwd, logits_bwd, logits_after = _logits_bytes(shape, job, tokens)
+    lm_grad = shape.vocab * shape.hidden * tb if not job.uses_lora else 0
+    bwd_tmp = tokens * 4 * shape.intermediate * (2 if sb == 2 else 4)  # gradients of gate/up/act/product
+    if job.base_quant == "nf4":
+        bwd_tmp += _largest_linear(shape) * 2  # dequantized weight for grad_input
+    W, X = sum(comps_w.values()), sum(extra.values())
+    phases = {
+        "forward (loss)": W + states + X + acts + logits_fwd,
+        "backward (start)": W + states + X + acts + max(logits_bwd, logits_after + lm_grad),
+        "backward (last layer)": W + states + X + acts + recompute + bwd_tmp + lm_grad,
+        "optimizer step": W + states + grads + step_tmp,
+    }
+    phase = max(phases, key=phases.get)
+    comps = dict(comps_w)
+    comps["optimizer states"] = states
+    if phase != "optimizer step":
+        comps.update(extra)
+        comps["activations (saved for backward)"] = acts
+    if phase == "forward (loss)":
+        comps["logits + loss buffers"] = logits_fwd
+    elif phase == "backward (start)":
+        comps["logits + loss buffers"] = phases[phase] - (W + states + X + acts)
+    elif phase == "backward (last layer)":
+        comps["recomputed layer (checkpointing)"] = recompute
+        comps["backward temporaries"] = bwd_tmp
+        comps["gradients (lm_head)"] = lm_grad
+    else:
+        comps["gradients"] = grads
+        comps["optimizer step temporaries"] = step_tmp
+    comps = {k: v for k, v in comps.items() if v}
+    notes = []
+    if job.checkpointing:
+        notes.append("gradient checkpointing: each layer keeps only its input; one layer is recomputed at a time")
+    if n > 1:
+        notes.append(f"{n} GPUs, ZeRO stage {job.zero}: per-GPU figures")
+    return Plan(shape, job, comps, phase, params, trainable, phases, outside, notes)
+
+
+def estimate(shape: ModelShape, job: Job) -> Plan:
+    """Predict the peak of torch.cuda.max_memory_allocated() for this job on this model."""
+    job.validate()
+    weights = weight_bytes(shape, job)
+    plan = _inference(shape, job, weights) if job.method == "inference" else _training(shape, job, weights)
+    plan.outside_allocator["CUDA context (approx.)"] = CUDA_CONTEXT_BYTES
+    plan.outside_allocator["allocator slack (approx. 5%)"] = 0.05 * plan.peak_bytes
+    if shape.note:
+        plan.notes.insert(0, shape.note)
+    return plan
+
+
+def solve(shape: ModelShape, job: Job, budget: int, what: str) -> tuple[int, Plan | None]:
+    """Largest batch or seq whose device footprint fits in budget bytes (0 if even 1 does not)."""
+    if what not in ("batch", "seq"):
+        raise QuantoolError(f"--solve takes batch or seq, not {what!r}")
+    fits = lambda v: estimate(shape, replace(job, **{what: v})).device_bytes <= budget  # noqa: E731
+    if not fits(1):
+        return 0, None
+    hi = 1
+    limit = 1 << 24
+    while hi < limit and fits(hi * 2):
+        hi *= 2
+    lo, hi = hi, min(hi * 2, limit)
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, estimate(shape, replace(job, **{what: lo}))
+
+
+def headroom(plan: Plan, budget: int) -> float:
+    return budget - plan.device_bytes
+
+
+def percent(part: float, whole: float) -> float:
+    return 100.0 * part / whole if whole else math.nan
