@@ -14,7 +14,7 @@ from quantool import __version__
 from quantool.errors import QuantoolError
 from quantool.units import fmt_bytes, fmt_count, parse_count
 
-out = Console()
+console = Console()
 err = Console(stderr=True)
 
 
@@ -151,11 +151,11 @@ def _print_plan(plan, gpu, solved, measured):
     from quantool.memory.plan import estimate
 
     job = plan.job
-    out.print(f"[bold]{plan.shape.describe()}[/]", highlight=False)
-    out.print(f"{fmt_count(plan.params)} parameters, {fmt_count(plan.trainable_params)} trainable; "
+    console.print(f"[bold]{plan.shape.describe()}[/]", highlight=False)
+    console.print(f"{fmt_count(plan.params)} parameters, {fmt_count(plan.trainable_params)} trainable; "
               f"method [bold]{job.method}[/], batch {job.batch}, seq {job.seq}" + (f", gen {job.gen}" if job.method == "inference" else ""), highlight=False)
     for note in plan.notes:
-        out.print(f"[dim]- {note}[/]", highlight=False)
+        console.print(f"[dim]- {note}[/]", highlight=False)
     table = Table(title=f"Predicted peak of torch.cuda.max_memory_allocated() — at {plan.phase}", title_justify="left")
     table.add_column("component")
     table.add_column("bytes", justify="right")
@@ -166,27 +166,124 @@ def _print_plan(plan, gpu, solved, measured):
     for name, value in plan.outside_allocator.items():
         table.add_row(f"[dim]+ {name}[/]", f"[dim]{fmt_bytes(value)}[/]", "")
     table.add_row("[bold]as nvidia-smi would show[/]", f"[bold]{fmt_bytes(plan.device_bytes)}[/]", "")
-    out.print(table)
+    console.print(table)
     if job.method in ("lora", "qlora"):
         full = estimate(plan.shape, replace(job, method="full", quant="none", lora_rank=0, grad_checkpointing=job.checkpointing,
                                             weights_dtype="bf16", autocast=False))
         saved = full.peak_bytes - plan.peak_bytes
-        out.print(f"vs full fine-tuning (bf16, AdamW, same batch/seq): {fmt_bytes(full.peak_bytes)} -> "
+        console.print(f"vs full fine-tuning (bf16, AdamW, same batch/seq): {fmt_bytes(full.peak_bytes)} -> "
                   f"{fmt_bytes(plan.peak_bytes)}, saves {fmt_bytes(saved)} ({100 * saved / full.peak_bytes:.0f}%)")
     if measured:
         err_pct = 100 * (plan.peak_bytes - measured["peak_bytes"]) / measured["peak_bytes"]
-        out.print(f"measured on {measured['gpu']}: peak {fmt_bytes(measured['peak_bytes'])} "
+        console.print(f"measured on {measured['gpu']}: peak {fmt_bytes(measured['peak_bytes'])} "
                   f"(prediction off by {err_pct:+.1f}%), weights {fmt_bytes(measured['weights_bytes'])}")
     if solved:
         (what, value), = solved.items()
-        out.print(f"largest {what} that fits {gpu[0]}: [bold]{value}[/]")
+        console.print(f"largest {what} that fits {gpu[0]}: [bold]{value}[/]")
     if gpu:
         room = gpu[1] - plan.device_bytes
         verdict = "[green]fits[/]" if room >= 0 else "[red]does not fit[/]"
-        out.print(f"{verdict} on {gpu[0]} ({fmt_bytes(gpu[1])}): headroom {fmt_bytes(room)}")
+        console.print(f"{verdict} on {gpu[0]} ({fmt_bytes(gpu[1])}): headroom {fmt_bytes(room)}")
     else:
-        out.print(f"needs about {fmt_bytes(plan.device_bytes)} of GPU memory (pass --gpu to check a card)")
+        console.print(f"needs about {fmt_bytes(plan.device_bytes)} of GPU memory (pass --gpu to check a card)")
 
 
-def run():
-    main()
+# -- quantize ----------------------------------------------------------------------------------------
+
+def _quant_options(method: str | None):
+    """The options every quantize command shares; method None adds --method."""
+    def deco(f):
+        opts = [
+            click.argument("model"),
+            click.option("-o", "--out", required=True, type=click.Path(), help="Output directory (written only when complete)."),
+            click.option("--bits", default=4, show_default=True, type=int),
+            click.option("--group-size", default=128, show_default=True, type=int, help="32/64/128, or -1 for per channel."),
+            click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or zero-point quantization (GPTQ/RTN)."),
+            click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal."),
+            click.option("--static-groups", is_flag=True, help="GPTQ with --act-order: groups fixed before reordering."),
+            click.option("--damp", default=0.01, show_default=True, type=float, help="GPTQ dampening (fraction of mean diag)."),
+            click.option("--duo-scaling", is_flag=True, help="AWQ: scale by x^a / w^(1-a) instead of x^a."),
+            click.option("--no-clip", is_flag=True, help="AWQ: skip the clipping search."),
+            click.option("--calib", help="Calibration .txt/.jsonl file or HF dataset id (default: text shipped with quantool)."),
+            click.option("--nsamples", default=128, show_default=True, type=int),
+            click.option("--seqlen", default=512, show_default=True, type=int),
+            click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ..."),
+            click.option("--overwrite", is_flag=True, help="Replace an existing OUT (and any unfinished run)."),
+            click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished layer."),
+            click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+        ]
+        if method is None:
+            opts.insert(1, click.option("--method", required=True, type=click.Choice(["int8", "nf4", "gptq", "awq", "rtn"])))
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return deco
+
+
+def _quantize(method, model, out, bits, group_size, sym, act_order, static_groups, damp, duo_scaling, no_clip, calib,
+              nsamples, seqlen, device, overwrite, resume, as_json):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from quantool.ptq import PTQConfig, quantize_model
+
+    cfg = PTQConfig(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
+                    damp=damp, duo_scaling=duo_scaling, clip=not no_clip, calib=calib, nsamples=nsamples, seqlen=seqlen, device=device)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
+                        TimeElapsedColumn(), console=err, disable=as_json)
+    task = None
+
+    def on_layer(report, total):
+        nonlocal task
+        if task is None:
+            task = progress.add_task(f"{method} {bits}-bit", total=total, completed=report.index)
+        worst = max(report.errors.items(), key=lambda kv: kv[1]) if report.errors else ("", 0)
+        progress.update(task, completed=report.index + 1)
+        progress.console.print(f"layer {report.index:3d}  {report.seconds:6.2f}s  mean err {sum(report.errors.values()) / max(len(report.errors), 1):.4f}"
+                               f"  worst {worst[0]} {worst[1]:.4f}" + "".join(f"\n    {n}" for n in report.notes if "Cholesky" in n), highlight=False)
+
+    with progress:
+        summary = quantize_model(model, out, cfg, overwrite=overwrite, resume=resume, on_layer=on_layer,
+                                 log=lambda m: err.print(f"[dim]{m}[/]", highlight=False))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    table = Table(title=f"{method} -> {out}", title_justify="left")
+    for col in ("format", "quantized linears", "stored unpacked", "mean rel. error", "size on disk", "time"):
+        table.add_column(col, justify="right")
+    mean = summary.get("mean_error")
+    table.add_row(summary["format"], str(summary["quantized_linears"]), str(len(summary.get("unpacked_linears", []))),
+                  "-" if mean is None else f"{mean:.4f}", fmt_bytes(summary["size_after"]), f"{summary['seconds']:.1f}s")
+    console.print(table)
+
+
+@main.command()
+@_quant_options(None)
+def quantize(**kw):
+    """Quantize MODEL with any method; the per-method commands are shortcuts.
+
+    \b
+    Examples:
+      quantool quantize ./model --method gptq --bits 4 -o ./model-gptq
+      quantool quantize ./model --method nf4 -o ./model-nf4
+    """
+    _quantize(**kw)
+
+
+def _method_command(method: str, summary: str, example: str):
+    @main.command(name=method, help=f"{summary}\n\n\b\nExample:\n  {example}")
+    @_quant_options(method)
+    def command(**kw):
+        _quantize(method, **kw)
+    return command
+
+
+_method_command("gptq", "GPTQ (Frantar et al. 2022): Hessian-aware rounding, layer by layer; GPTQ v1 checkpoint.",
+                "quantool gptq ./model --bits 4 --group-size 128 --act-order -o ./model-gptq")
+_method_command("awq", "AWQ (Lin et al. 2023): activation-aware scales and clipping; AWQ GEMM checkpoint.",
+                "quantool awq ./model --bits 4 -o ./model-awq")
+_method_command("rtn", "Round-to-nearest baseline, group-wise; GPTQ v1 checkpoint.",
+                "quantool rtn ./model --bits 4 --group-size 128 -o ./model-rtn")
+_method_command("int8", "LLM.int8 (bitsandbytes, outlier threshold 6.0); transformers' bnb serialization.",
+                "quantool int8 ./model -o ./model-int8")
+_method_command("nf4", "QLoRA NF4 with double quantization, blocksize 64 (bitsandbytes).",
+                "quantool nf4 ./model -o ./model-nf4")

@@ -1,0 +1,55 @@
+"""Perplexity, by the protocol of the GPTQ and AWQ papers' evaluation code: the text tokenized once
+(one BOS at the start), cut into non-overlapping windows of `ctx` tokens, every token after the first of
+each window scored. With `stride`, sliding windows (the HF perplexity guide): each window scores only
+its last `stride` tokens, so every scored token sees up to ctx - 1 tokens of context."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+from quantool.errors import QuantoolError
+
+
+def windows(n_tokens: int, ctx: int, stride: int | None) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) for each window."""
+    if stride is None:
+        return [(b, b + ctx, b + 1) for b in range(0, n_tokens - ctx + 1, ctx)]
+    spans, prev_end = [], 0
+    for begin in range(0, n_tokens - 1, stride):
+        end = min(begin + ctx, n_tokens)
+        spans.append((begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return spans
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, ctx: int, stride: int | None = None, batch: int = 8,
+               max_tokens: int | None = None, on_step: Callable[[int, int], None] | None = None) -> dict:
+    """{'ppl', 'nll', 'tokens', 'windows', 'ctx', 'stride'} for a 1-D token tensor."""
+    if max_tokens:
+        ids = ids[:max_tokens]
+    if ids.numel() < ctx:
+        raise QuantoolError(f"evaluation text has {ids.numel()} tokens, fewer than one window of --ctx {ctx}: "
+                            f"use a longer text or a smaller --ctx")
+    spans = windows(ids.numel(), ctx, stride)
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    groups = [spans[i:i + batch] for i in range(0, len(spans), batch)] if stride is None else [[s] for s in spans]
+    for step, group in enumerate(groups):
+        x = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
+        logits = model(x, use_cache=False).logits.float()
+        for row, (b, e, first) in enumerate(group):
+            lo = first - b - 1
+            nll = F.cross_entropy(logits[row, lo:e - b - 1], x[row, lo + 1:e - b], reduction="sum")
+            total_nll += float(nll)
+            total_tokens += e - first
+        if on_step:
+            on_step(step + 1, len(groups))
+    nll = total_nll / total_tokens
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": total_tokens, "windows": len(spans), "ctx": ctx, "stride": stride}

@@ -1,0 +1,1 @@
+"""Checkpoint formats: each module writes and reads one layout."""

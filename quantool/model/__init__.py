@@ -1,0 +1,1 @@
+"""Model plumbing: structure discovery, calibration data, layer-by-layer execution."""

@@ -1,0 +1,101 @@
+"""Layer-by-layer execution: capture the first decoder layer's inputs, then run one layer at a time on the
+compute device while the rest of the model stays on CPU (GPTQ reference `llama_sequential`)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
+    """Hidden states entering layer 0 for every sample [n, seq, hidden], and the layer's keyword arguments
+    (position embeddings, masks) which are the same for every equal-length sample."""
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured["x"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    first = layers[0]
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    xs = []
+    moved = _move_outside_layers(model, layers, device)
+    try:
+        for sample in samples:
+            try:
+                model(sample[None].to(device), use_cache=False)
+            except _Stop:
+                pass
+            xs.append(captured["x"].to("cpu"))
+    finally:
+        handle.remove()
+        _move_outside_layers(model, layers, "cpu", moved)
+    kwargs = {k: v for k, v in captured["kwargs"].items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+    return torch.cat(xs), kwargs
+
+
+def _move_outside_layers(model, layers, device, only=None):
+    """Move every parameter outside the decoder layers (embeddings, rotary buffers) to device."""
+    inside = {id(p) for p in layers.parameters()} | {id(b) for b in layers.buffers()}
+    moved = []
+    for mod in model.modules():
+        if only is not None and mod not in only:
+            continue
+        direct = list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))
+        if direct and not any(id(t) in inside for t in direct):
+            mod.to(device)
+            moved.append(mod)
+    return moved
+
+
+def to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict, device, chunk: int = 16) -> torch.Tensor:
+    """Outputs of one layer for all samples, computed in chunks on device, returned on CPU."""
+    kw = to_device(kwargs, device)
+    outs = []
+    for i in range(0, x.shape[0], chunk):
+        y = layer(x[i:i + chunk].to(device), **kw)
+        outs.append((y[0] if isinstance(y, tuple) else y).to("cpu"))
+    return torch.cat(outs)
+
+
+@contextmanager
+def record_inputs(modules: dict[str, nn.Module], on_input):
+    """Call on_input(name, x) with every input a module sees while the context is open."""
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: on_input(n, args[0])) for n, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def record_call(module: nn.Module, store: dict):
+    """Keep the args and kwargs of every call of module (to re-run it alone)."""
+    def hook(mod, args, kwargs):
+        store.setdefault("calls", []).append((args, kwargs))
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,1 @@
+"""Pure quantization math: tensors in, tensors out. Nothing here knows about models or files."""

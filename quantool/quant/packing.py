@@ -1,0 +1,79 @@
+"""Bit packing of integer codes into int32 words for the GPTQ v1 and AWQ GEMM checkpoint layouts.
+
+GPTQ v1 (AutoGPTQ / GPT-QModel, read by vLLM): qweight [in * bits / 32, out] packs consecutive input rows
+as a little-endian bit stream (32 codes -> `bits` words, so 3-bit codes straddle words); qzeros
+[groups, out * bits / 32] packs (zero - 1) the same way along the output dimension.
+AWQ GEMM (llm-awq / AutoAWQ, read by vLLM): qweight [in, out / 8] packs 8 output columns per word in the
+interleaved order 0, 2, 4, 6, 1, 3, 5, 7; qzeros [groups, out / 8] likewise (zero stored as is).
+"""
+
+from __future__ import annotations
+
+import torch
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int codes [n, m] (n multiple of 32) -> int32 [n * bits / 32, m], bit stream along dim 0."""
+    n, m = codes.shape
+    c = (codes.to(torch.int64) & ((1 << bits) - 1)).reshape(n // 32, 32, m)
+    words = torch.zeros(n // 32, bits, m, dtype=torch.int64, device=codes.device)
+    for k in range(32):
+        bit = k * bits
+        w, off = divmod(bit, 32)
+        words[:, w] |= (c[:, k] << off) & 0xFFFFFFFF
+        spill = off + bits - 32
+        if spill > 0:
+            words[:, w + 1] |= c[:, k] >> (bits - spill)
+    return _to_int32(words.reshape(n // 32 * bits, m))
+
+
+def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack_rows: int32 [n * bits / 32, m] -> int32 codes [n, m]."""
+    nw, m = words.shape
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    w = w.reshape(nw // bits, bits, m)
+    mask = (1 << bits) - 1
+    codes = torch.zeros(nw // bits, 32, m, dtype=torch.int64, device=words.device)
+    for k in range(32):
+        idx, off = divmod(k * bits, 32)
+        val = w[:, idx] >> off
+        spill = off + bits - 32
+        if spill > 0:
+            val = val | (w[:, idx + 1] << (bits - spill))
+        codes[:, k] = val & mask
+    return codes.reshape(nw // bits * 32, m).to(torch.int32)
+
+
+def pack_cols(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bit stream along dim 1 (GPTQ qzeros)."""
+    return pack_rows(codes.t().contiguous(), bits).t().contiguous()
+
+
+def unpack_cols(words: torch.Tensor, bits: int) -> torch.Tensor:
+    return unpack_rows(words.t().contiguous(), bits).t().contiguous()
+
+
+def pack_awq(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [n, m] (m multiple of 8) -> int32 [n, m / 8] in AWQ's interleaved order."""
+    n, m = codes.shape
+    c = codes.to(torch.int64).reshape(n, m // 8, 8)
+    words = torch.zeros(n, m // 8, dtype=torch.int64, device=codes.device)
+    for slot, col in enumerate(AWQ_ORDER):
+        words |= c[:, :, col] << (4 * slot)
+    return _to_int32(words)
+
+
+def unpack_awq(words: torch.Tensor) -> torch.Tensor:
+    n, m8 = words.shape
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    codes = torch.zeros(n, m8, 8, dtype=torch.int64, device=words.device)
+    for slot, col in enumerate(AWQ_ORDER):
+        codes[:, :, col] = (w >> (4 * slot)) & 0xF
+    return codes.reshape(n, m8 * 8).to(torch.int32)
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """uint32 bit patterns held in int64 -> the same bits as int32."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)

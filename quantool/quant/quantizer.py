@@ -1,0 +1,94 @@
+"""Group-wise affine integer quantization of a weight matrix [out, in], shared by RTN, GPTQ, AWQ and QAT.
+
+Conventions follow GPTQ's reference `quant.py` (and the GPTQ v1 checkpoint format): q in [0, 2^bits - 1],
+w ~= scale * (q - zero); symmetric uses zero = 2^(bits-1); groups run along the input dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantool.errors import QuantoolError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4
+    group_size: int = 128  # -1: one group per output row (per channel)
+    sym: bool = True
+    min_zero: int = 0  # 1 for the GPTQ v1 layout, which stores zero - 1 and cannot hold zero = 0
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def groups_for(self, in_features: int) -> int:
+        """Effective group size for a layer: per channel when the group does not fit or divide the width."""
+        g = self.group_size
+        return in_features if g == -1 or g >= in_features or in_features % g else g
+
+    def validate(self, allowed_bits=SUPPORTED_BITS) -> "QuantSpec":
+        if self.bits not in allowed_bits:
+            raise QuantoolError(f"--bits {self.bits} is not supported here: choose {', '.join(map(str, allowed_bits))}")
+        if self.group_size != -1 and (self.group_size < 1 or self.group_size & (self.group_size - 1)):
+            raise QuantoolError(f"--group-size {self.group_size} must be a power of two such as 32, 64, 128, or -1 (per channel)")
+        return self
+
+
+def qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and zero per row of w (each row is one group). Returns float scale, float zero."""
+    wmin = w.min(dim=1).values.clamp(max=0)
+    wmax = w.max(dim=1).values.clamp(min=0)
+    if spec.sym:
+        wmax = torch.maximum(wmin.abs(), wmax)
+        wmin = -wmax
+    dead = (wmin == 0) & (wmax == 0)
+    wmin, wmax = torch.where(dead, -1.0, wmin), torch.where(dead, 1.0, wmax)
+    scale = (wmax - wmin) / spec.maxq
+    zero = torch.full_like(scale, (spec.maxq + 1) // 2) if spec.sym else torch.round(-wmin / scale).clamp(spec.min_zero, spec.maxq)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes for w given per-row (broadcastable) scale and zero."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (q - zero)
+
+
+def quantize_groups(w: torch.Tensor, spec: QuantSpec, scale_dtype=torch.float16):
+    """RTN over groups. Returns (q [out, in] int, scale [groups, out], zero [groups, out] int).
+
+    Scales are rounded to scale_dtype first, so the stored checkpoint dequantizes to exactly these values.
+    """
+    out_f, in_f = w.shape
+    g = spec.groups_for(in_f)
+    wg = w.float().reshape(out_f, in_f // g, g).permute(1, 0, 2).reshape(-1, g)
+    scale, zero = qparams(wg, spec)
+    scale = scale.to(scale_dtype).float()
+    q = quantize(wg, scale[:, None], zero[:, None], spec.maxq)
+    q = q.reshape(in_f // g, out_f, g).permute(1, 0, 2).reshape(out_f, in_f)
+    return q.to(torch.int32), scale.reshape(in_f // g, out_f).to(scale_dtype), zero.reshape(in_f // g, out_f).to(torch.int32)
+
+
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Float weight [out, in] from codes and per-group [groups, out] scale/zero; g_idx maps input column -> group."""
+    out_f, in_f = q.shape
+    if g_idx is None:
+        g_idx = torch.arange(in_f, device=q.device) // (in_f // scale.shape[0])
+    s = scale.float()[g_idx.long()].t()
+    z = zero.float()[g_idx.long()].t()
+    return s * (q.float() - z)
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize-dequantize in w's dtype with a straight-through gradient (Bengio et al. 2013; QAT)."""
+    q, scale, zero = quantize_groups(w.detach(), spec, scale_dtype=torch.float32)
+    wq = dequantize_groups(q, scale, zero).to(w.dtype)
+    return w + (wq - w).detach()
