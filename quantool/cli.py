@@ -287,3 +287,137 @@ _method_command("int8", "LLM.int8 (bitsandbytes, outlier threshold 6.0); transfo
                 "quantool int8 ./model -o ./model-int8")
 _method_command("nf4", "QLoRA NF4 with double quantization, blocksize 64 (bitsandbytes).",
                 "quantool nf4 ./model -o ./model-nf4")
+
+
+# -- bench, report, run ------------------------------------------------------------------------------
+
+def _ints(value: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise QuantoolError(f"expected a comma list of integers, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise QuantoolError(f"batch sizes must be positive, got {value!r}")
+    return out
+
+
+def _step_progress(disable: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=err, disable=disable)
+    tasks = {}
+
+    def on_step(name, done, total):
+        if name not in tasks:
+            tasks[name] = progress.add_task(name, total=total)
+        progress.update(tasks[name], completed=done)
+
+    return progress, on_step
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, type=click.Path(), help="Results JSON file.")
+@click.option("--ppl/--no-ppl", default=True, show_default=True, help="Measure perplexity.")
+@click.option("--speed", is_flag=True, help="Measure prefill/decode throughput, time to first token, peak memory.")
+@click.option("--text", help="Evaluation text file (default: quantool's shipped text).")
+@click.option("--text-range", default="0,1", show_default=True, help="Fractions of the text's tokens to use, e.g. 0.5,1 (keep it disjoint from calibration).")
+@click.option("--ctx", default=2048, show_default=True, type=int, help="Window length (capped at the model's maximum).")
+@click.option("--stride", type=int, help="Sliding-window evaluation with this stride.")
+@click.option("--max-tokens", type=int, help="Evaluate at most this many tokens.")
+@click.option("--batch", default=8, show_default=True, type=int, help="Windows per forward pass.")
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Batch sizes for --speed.")
+@click.option("--prompt", default=128, show_default=True, type=int, help="Prompt tokens for --speed.")
+@click.option("--new-tokens", default=32, show_default=True, type=int, help="Generated tokens for --speed.")
+@click.option("--repeats", default=3, show_default=True, type=int)
+@click.option("--kernel", default="auto", show_default=True, type=click.Choice(["auto", "tinygemm", "dequant"]),
+              help="Low-bit kernel for GPTQ/AWQ/RTN checkpoints in --speed.")
+@click.option("--device", default="auto", show_default=True)
+def bench(models, out, ppl, speed, text, text_range, ctx, stride, max_tokens, batch, batch_sizes, prompt, new_tokens, repeats, kernel, device):
+    """Perplexity and speed of MODEL (the fp16 baseline) and quantized variants, on the same tokens.
+
+    \b
+    Examples:
+      quantool bench ./model ./model-gptq ./model-awq -o results.json
+      quantool bench ./model ./model-gptq --speed --no-ppl --batch-sizes 1,8 -o speed.json
+    """
+    from pathlib import Path
+
+    from quantool.bench import BenchConfig, run_bench, write_json
+    from quantool.report import rows
+
+    try:
+        lo, hi = (float(v) for v in text_range.split(","))
+    except ValueError:
+        raise QuantoolError(f"--text-range takes two fractions like 0.5,1, got {text_range!r}") from None
+    if not (0 <= lo < hi <= 1):
+        raise QuantoolError(f"--text-range needs 0 <= start < end <= 1, got {text_range!r}")
+    if not ppl and not speed:
+        raise QuantoolError("nothing to measure: drop --no-ppl or add --speed")
+    cfg = BenchConfig(ppl=ppl, speed=speed, text=text, ctx=ctx, stride=stride, batch=batch, max_tokens=max_tokens,
+                      batch_sizes=_ints(batch_sizes), prompt=prompt, new_tokens=new_tokens, repeats=repeats, device=device,
+                      kernel=kernel, text_range=(lo, hi))
+    progress, on_step = _step_progress(False)
+    with progress:
+        results = run_bench(list(models), cfg, on_step=on_step)
+    write_json(results, Path(out))
+    table = Table(title=f"results -> {out}", title_justify="left")
+    for col in ("model", "method", "bits", "perplexity", "change", "size"):
+        table.add_column(col)
+    for r in rows(results):
+        table.add_row(r["name"], r["method"], str(r["bits"]), _f(r.get("ppl"), "{:.4f}"), r.get("dppl_pct", "-"),
+                      fmt_bytes(r["size"]) if r["size"] else "-")
+    console.print(table)
+
+
+def _f(v, spec):
+    return "-" if v is None else spec.format(v)
+
+
+@main.command()
+@click.argument("results", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, type=click.Path(), help="Markdown file; plots are written beside it.")
+def report(results, out):
+    """Turn bench results into a Markdown comparison with plots (and show it here).
+
+    \b
+    Example:
+      quantool report results.json -o reports/stories260k.md
+    """
+    from pathlib import Path
+
+    from rich.markdown import Markdown
+
+    from quantool.bench import read_results
+    from quantool.report import write_report
+
+    datas = [read_results(Path(r)) for r in results]
+    written = write_report(datas, Path(out))
+    console.print(Markdown(Path(out).read_text()))
+    console.print(f"wrote {', '.join(str(p) for p in written)}")
+
+
+@main.command(name="run")
+@click.argument("recipe")
+@click.argument("model")
+@click.option("--workdir", default="quantool-runs", show_default=True, type=click.Path(), help="Where quantized models and results go.")
+@click.option("--overwrite", is_flag=True, help="Re-quantize even if an output exists.")
+def run_cmd(recipe, model, workdir, overwrite):
+    """Run a recipe (quantize -> bench -> report) on MODEL.
+
+    \b
+    Examples:
+      quantool run recipes/w4g128-gptq.yaml ./model
+      quantool run recipes/compare-all.yaml ./model --workdir runs/
+    """
+    from pathlib import Path
+
+    from quantool.recipes import load_recipe, run_recipe
+
+    r = load_recipe(recipe)
+    progress, on_step = _step_progress(False)
+    with progress:
+        written = run_recipe(r, model, Path(workdir), overwrite=overwrite, log=lambda m: err.print(f"[dim]{m}[/]", highlight=False),
+                             on_step=on_step)
+    console.print(f"wrote {', '.join(str(p) for p in written)}")

@@ -1,0 +1,171 @@
+"""`quantool bench`: perplexity and speed of a baseline and its quantized variants, into one results file."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from quantool import __version__
+from quantool.errors import QuantoolError
+from quantool.eval.perplexity import perplexity
+from quantool.eval.speed import measure_speed
+from quantool.loading import checkpoint_kind, load_model
+from quantool.model.calibration import tokenize
+from quantool.qlinear import QuantLinear
+
+RESULTS_FORMAT = "quantool-results/1"
+
+
+@dataclass
+class BenchConfig:
+    ppl: bool = True
+    speed: bool = False
+    text: str | None = None  # evaluation text file (default: quantool's shipped text)
+    ctx: int = 2048
+    stride: int | None = None
+    batch: int = 8
+    max_tokens: int | None = None
+    batch_sizes: tuple[int, ...] = (1, 8)
+    prompt: int = 128
+    new_tokens: int = 32
+    repeats: int = 3
+    device: str = "auto"
+    kernel: str = "auto"  # auto: tinygemm for 4-bit where the shape allows; dequant otherwise
+    text_range: tuple[float, float] = (0.0, 1.0)  # fraction of the text to evaluate on (disjoint from calibration)
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "quantool": __version__, "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+           "cpu_count": os.cpu_count(), "device": str(device),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import bitsandbytes
+
+        env["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def describe_checkpoint(path: Path) -> dict:
+    """method, bits, group size, size on disk and quantization time of a checkpoint directory."""
+    info = {"path": str(path), "name": path.name, "method": "fp16", "bits": 16, "group_size": None, "quant_seconds": None}
+    cfg_path = path / "config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        q = cfg.get("quantization_config") or {}
+        if q.get("quant_method") in ("gptq", "awq"):
+            info.update(bits=q["bits"], group_size=q["group_size"], format=q["quant_method"])
+        elif q.get("quant_method") == "bitsandbytes":
+            info.update(bits=8 if q.get("load_in_8bit") else 4, format="bitsandbytes")
+    meta = path / "quantool.json"
+    if meta.exists():
+        m = json.loads(meta.read_text())
+        info["method"] = m["config"]["method"]
+        info["quant_seconds"] = m.get("seconds")
+        if info["method"] == "gptq" and m["config"].get("act_order"):
+            info["method"] = "gptq (act-order)"
+    info["size_bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.exists() else None
+    return info
+
+
+def _kernels(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        name = None
+        if isinstance(m, QuantLinear):
+            name = f"{m.kernel} (int{m.bits})" if m.kernel == "tinygemm" else f"dequantize + {str(m.dtype).split('.')[-1]} matmul"
+        elif type(m).__name__ in ("Linear4bit", "Linear8bitLt"):
+            name = f"bitsandbytes {type(m).__name__}"
+        elif isinstance(m, torch.nn.Linear):
+            name = "torch nn.Linear"
+        if name:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def run_bench(paths: list[str], cfg: BenchConfig, on_step: Callable[[str, int, int], None] | None = None,
+              log: Callable[[str], None] = print) -> dict:
+    from quantool.ptq import resolve_device
+
+    device = resolve_device(cfg.device)
+    if not paths:
+        raise QuantoolError("give at least the baseline MODEL")
+    results = {"format": RESULTS_FORMAT, "environment": environment(device), "command": " ".join(sys.argv),
+               "protocol": {"ppl": cfg.ppl and {"ctx": cfg.ctx, "stride": cfg.stride, "text": cfg.text or "quantool default text",
+                                                 "text_range": list(cfg.text_range), "max_tokens": cfg.max_tokens,
+                                                 "description": "text tokenized once (BOS at start), non-overlapping windows of ctx tokens, every token after each window's first scored"
+                                                 if cfg.stride is None else "sliding windows, each scoring its last `stride` tokens"},
+                            "speed": cfg.speed and {"batch_sizes": list(cfg.batch_sizes), "prompt_tokens": cfg.prompt,
+                                                    "new_tokens": cfg.new_tokens, "repeats": cfg.repeats}},
+               "models": []}
+    for i, path in enumerate(paths):
+        p = Path(path)
+        if not p.exists() and checkpoint_kind(p) != "hub":
+            raise QuantoolError(f"{path} does not exist")
+        entry = describe_checkpoint(p)
+        entry["baseline"] = i == 0
+        model, tok = load_model(p, device=device, kernel="dequant")
+        if cfg.ppl:
+            from quantool.model.calibration import read_text
+
+            ids = tokenize(tok, read_text(cfg.text))
+            lo, hi = (int(f * ids.numel()) for f in cfg.text_range)
+            ctx = min(cfg.ctx, getattr(model.config, "max_position_embeddings", cfg.ctx) or cfg.ctx)
+            entry["ppl"] = perplexity(model, ids[lo:hi], ctx, cfg.stride, cfg.batch, cfg.max_tokens,
+                                      on_step=(lambda s, n, name=entry["name"]: on_step(f"ppl {name}", s, n)) if on_step else None)
+        if cfg.speed:
+            chosen = "tinygemm" if cfg.kernel == "auto" else cfg.kernel
+            for m in model.modules():
+                if isinstance(m, QuantLinear):
+                    m.use_kernel(chosen)
+            entry["kernels"] = _kernels(model)
+            entry["speed"] = measure_speed(model, model.config.vocab_size, cfg.batch_sizes, cfg.prompt, cfg.new_tokens, cfg.repeats)
+            if on_step:
+                on_step(f"speed {entry['name']}", 1, 1)
+        entry["params"] = sum(p.numel() for p in model.parameters())
+        results["models"].append(entry)
+        del model
+    return results
+
+
+def write_json(results: dict, out: Path):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out)
+
+
+def read_results(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise QuantoolError(f"results file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QuantoolError(f"{path} is not valid JSON ({exc}): regenerate it with quantool bench") from None
+    if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise QuantoolError(f"{path} is not a {RESULTS_FORMAT} results file (found format {found!r}): regenerate it with this version's quantool bench")
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise QuantoolError(f"{path} lists no models: regenerate it with quantool bench")
+    for i, m in enumerate(models):
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str):
+            raise QuantoolError(f"{path}: model entry {i} has no name; the file was edited or is damaged")
+        ppl = m.get("ppl")
+        if ppl is not None and not (isinstance(ppl, dict) and isinstance(ppl.get("ppl"), (int, float)) and ppl["ppl"] > 0):
+            raise QuantoolError(f"{path}: model {m['name']} has a malformed perplexity entry; regenerate the file")
+    return data
