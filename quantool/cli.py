@@ -421,3 +421,87 @@ def run_cmd(recipe, model, workdir, overwrite):
         written = run_recipe(r, model, Path(workdir), overwrite=overwrite, log=lambda m: err.print(f"[dim]{m}[/]", highlight=False),
                              on_step=on_step)
     console.print(f"wrote {', '.join(str(p) for p in written)}")
+
+
+# -- qat ---------------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output directory (GPTQ v1 layout).")
+@click.option("--data", required=True, type=click.Path(), help="Training text (.txt or .jsonl).")
+@click.option("--data-range", default="0,1", show_default=True, help="Fractions of --data's tokens to train on, e.g. 0,0.5.")
+@click.option("--bits", default=4, show_default=True, type=int)
+@click.option("--group-size", default=32, show_default=True, type=int)
+@click.option("--sym/--asym", default=True, show_default=True)
+@click.option("--steps", default=200, show_default=True, type=int)
+@click.option("--lr", type=float, help="Learning rate (default 1e-4 full, 1e-3 LoRA).")
+@click.option("--batch", default=8, show_default=True, type=int)
+@click.option("--seq", default=256, show_default=True, type=int)
+@click.option("--lora-rank", default=0, show_default=True, type=int, help="0: full QAT; R: LoRA-QAT with rank R (base frozen).")
+@click.option("--lora-alpha", type=float, help="LoRA alpha (default 2 x rank).")
+@click.option("--act-bits", type=int, help="Also fake-quantize linear inputs per token (8).")
+@click.option("--eval-text", type=click.Path(), help="Text for perplexity before/after (disjoint from the training range!).")
+@click.option("--eval-range", default="0,1", show_default=True, help="Fractions of --eval-text's tokens to evaluate.")
+@click.option("--eval-tokens", default=50000, show_default=True, type=int, help="At most this many evaluation tokens.")
+@click.option("--save-every", default=50, show_default=True, type=int)
+@click.option("--no-fake-quant", is_flag=True, help="Control run: fine-tune without fake quantization, then quantize the same way.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True)
+@click.option("--resume", is_flag=True, help="Continue from the last saved training state in OUT.partial/.")
+@click.option("--json", "as_json", is_flag=True)
+def qat(model, out, data, data_range, bits, group_size, sym, steps, lr, batch, seq, lora_rank, lora_alpha, act_bits,
+        eval_text, eval_range, eval_tokens, save_every, no_fake_quant, seed, device, overwrite, resume, as_json):
+    """Quantization-aware fine-tuning that ends in a real quantized checkpoint.
+
+    \b
+    Examples:
+      quantool qat ./model --data train.txt --bits 4 --group-size 32 --steps 500 -o ./model-qat
+      quantool qat ./model --data train.txt --lora-rank 16 --eval-text val.txt -o ./model-qat-lora
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from quantool.qat import QATConfig, train
+
+    cfg = QATConfig(data=data, bits=bits, group_size=group_size, sym=sym, steps=steps, lr=lr, batch=batch, seq=seq,
+                    lora_rank=lora_rank, lora_alpha=lora_alpha, act_bits=act_bits, save_every=save_every, seed=seed,
+                    data_range=_fractions(data_range, "--data-range"), device=device, fake_quant=not no_fake_quant)
+    eval_fn = None
+    if eval_text:
+        lo, hi = _fractions(eval_range, "--eval-range")
+
+        def eval_fn(m, tok):
+            from quantool.eval.perplexity import perplexity
+            from quantool.model.calibration import read_text, tokenize
+
+            ids = tokenize(tok, read_text(eval_text))
+            ids = ids[int(lo * ids.numel()):int(hi * ids.numel())]
+            ctx = min(2048, m.config.max_position_embeddings)
+            return perplexity(m, ids.to(next(m.parameters()).device), ctx, max_tokens=eval_tokens)["ppl"]
+
+    progress = Progress(TextColumn("[bold]QAT[/]"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(),
+                        console=err, disable=as_json)
+    task = progress.add_task("qat", total=steps, loss=float("nan"), tps=0.0)
+    with progress:
+        summary = train(model, out, cfg, eval_fn=eval_fn, overwrite=overwrite, resume=resume,
+                        on_step=lambda s, n, loss, tps: progress.update(task, completed=s, loss=loss, tps=tps),
+                        log=lambda m: err.print(f"[dim]{m}[/]", highlight=False))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    console.print(f"training loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} over {summary['steps']} steps")
+    if summary["ppl_before"] is not None:
+        console.print(f"perplexity: fp {summary['ppl_before']:.4f}, fake-quantized {summary['ppl_fake_quant']:.4f}, "
+                      f"converted {bits}-bit checkpoint {summary['ppl_after']:.4f}")
+    console.print(f"wrote {out}")
+
+
+def _fractions(value: str, flag: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        raise QuantoolError(f"{flag} takes two fractions like 0,0.5, got {value!r}") from None
+    if not (0 <= lo < hi <= 1):
+        raise QuantoolError(f"{flag} needs 0 <= start < end <= 1, got {value!r}")
+    return lo, hi

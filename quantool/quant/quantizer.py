@@ -88,7 +88,9 @@ def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Quantize-dequantize in w's dtype with a straight-through gradient (Bengio et al. 2013; QAT)."""
-    q, scale, zero = quantize_groups(w.detach(), spec, scale_dtype=torch.float32)
+    """Quantize-dequantize in w's dtype with a straight-through gradient (Bengio et al. 2013; QAT).
+
+    Scales are rounded to fp16 exactly as the checkpoint stores them, so conversion changes nothing."""
+    q, scale, zero = quantize_groups(w.detach(), spec)
     wq = dequantize_groups(q, scale, zero).to(w.dtype)
     return w + (wq - w).detach()

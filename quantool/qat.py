@@ -1,0 +1,240 @@
+"""Quantization-aware fine-tuning (QAT) ending in a real GPTQ-format checkpoint.
+
+Linear weights are fake-quantized in the forward pass with a straight-through estimator (the PTQ
+quantizer, `quant.quantizer.fake_quantize`), group-wise; inputs optionally fake-quantized per token to
+int8. LoRA-QAT freezes the base and trains adapters A, B through fake_quantize(W + s * B A), so the merged
+weight that is finally quantized is exactly what training saw (the idea of QA-LoRA / torchao's
+"LoRA + fake quant", simplified)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from quantool.errors import QuantoolError
+from quantool.formats.packed import QuantizedWeight
+from quantool.model import calibration
+from quantool.model.structure import decoder_layers
+from quantool.quant.quantizer import QuantSpec, fake_quantize, quantize_groups
+
+
+@dataclass
+class QATConfig:
+    data: str = ""
+    bits: int = 4
+    group_size: int = 32
+    sym: bool = True
+    steps: int = 200
+    lr: float | None = None  # default: 1e-4 full, 1e-3 LoRA
+    batch: int = 8
+    seq: int = 256
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # default 2 * rank
+    act_bits: int | None = None
+    weight_decay: float = 0.0
+    warmup: int = 10
+    seed: int = 0
+    save_every: int = 50
+    data_range: tuple[float, float] = (0.0, 1.0)  # fraction of the data file's tokens used for training
+    device: str = "auto"
+    fake_quant: bool = True  # False: the control run, plain fine-tuning then the same final quantization
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.sym, min_zero=0 if self.sym else 1)
+
+    def validate(self) -> "QATConfig":
+        self.spec().validate()
+        if self.act_bits not in (None, 8):
+            raise QuantoolError(f"--act-bits {self.act_bits} is not supported: use 8 (dynamic per-token int8) or leave it off")
+        if self.steps < 1 or self.batch < 1 or self.seq < 8:
+            raise QuantoolError("--steps and --batch must be >= 1 and --seq >= 8")
+        if self.lora_rank < 0:
+            raise QuantoolError("--lora-rank must not be negative (0 = full QAT)")
+        if self.lora_alpha is not None and self.lora_rank == 0:
+            raise QuantoolError("--lora-alpha needs --lora-rank: full QAT trains every weight and has no adapters")
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-3 if self.lora_rank else 1e-4)
+
+
+def fake_quantize_tokens(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Dynamic symmetric per-token fake quantization of activations, straight-through."""
+    maxq = 2 ** (bits - 1) - 1
+    scale = x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / maxq
+    return x + (torch.clamp(torch.round(x.detach() / scale), -maxq - 1, maxq) * scale - x).detach()
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear whose effective weight fake_quantize(W [+ s B A]) is what the final checkpoint stores."""
+
+    def __init__(self, linear: nn.Linear, spec: QuantSpec, rank: int = 0, alpha: float | None = None, act_bits: int | None = None,
+                 enabled: bool = True):
+        super().__init__()
+        self.enabled = enabled
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.spec, self.act_bits, self.rank = spec, act_bits, rank
+        if rank:
+            self.weight.requires_grad_(False)
+            if self.bias is not None:
+                self.bias.requires_grad_(False)
+            self.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, dtype=torch.float32, device=linear.weight.device))
+            self.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, dtype=torch.float32, device=linear.weight.device))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.scaling = (alpha if alpha is not None else 2 * rank) / rank
+
+    def merged(self) -> torch.Tensor:
+        if not self.rank:
+            return self.weight
+        return self.weight + (self.scaling * self.lora_B @ self.lora_A).to(self.weight.dtype)
+
+    def forward(self, x):
+        if self.act_bits:
+            x = fake_quantize_tokens(x, self.act_bits)
+        w = fake_quantize(self.merged(), self.spec) if self.enabled else self.merged()
+        return F.linear(x, w.to(x.dtype), self.bias)
+
+
+def attach(model: nn.Module, cfg: QATConfig) -> list[str]:
+    """Swap every decoder-layer nn.Linear for a FakeQuantLinear; returns their names."""
+    prefix, layers = decoder_layers(model)
+    names = []
+    if cfg.lora_rank:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for i, layer in enumerate(layers):
+        for name, mod in list(layer.named_modules()):
+            if isinstance(mod, nn.Linear):
+                parent_name, _, child = name.rpartition(".")
+                parent = layer.get_submodule(parent_name) if parent_name else layer
+                setattr(parent, child, FakeQuantLinear(mod, cfg.spec(), cfg.lora_rank, cfg.lora_alpha, cfg.act_bits, cfg.fake_quant))
+                names.append(f"{prefix}.{i}.{name}")
+    return names
+
+
+@torch.no_grad()
+def convert(model: nn.Module, names: list[str]) -> dict[str, QuantizedWeight]:
+    """Quantize the merged weights for real and put plain nn.Linear back (with the dequantized weights)."""
+    results = {}
+    for name in names:
+        fq = model.get_submodule(name)
+        w = fq.merged().detach().float()
+        q, scale, zero = quantize_groups(w, fq.spec)
+        qw = QuantizedWeight(q.cpu(), scale.cpu(), zero.cpu(), (torch.arange(w.shape[1]) // (w.shape[1] // scale.shape[0])).to(torch.int32),
+                             fq.bias.detach().cpu().half() if fq.bias is not None else None)
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=fq.bias is not None, device=w.device, dtype=fq.weight.dtype)
+        lin.weight.data.copy_(qw.dequantize().to(lin.weight))
+        if fq.bias is not None:
+            lin.bias.data.copy_(fq.bias.detach())
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, lin)
+        results[name] = qw
+    return results
+
+
+def _batches(ids: torch.Tensor, cfg: QATConfig, gen: torch.Generator):
+    if ids.numel() < cfg.seq * cfg.batch + 1:
+        raise QuantoolError(f"training text has {ids.numel()} tokens, fewer than one batch of {cfg.batch} x {cfg.seq}: "
+                            f"give more --data or lower --batch/--seq")
+    while True:
+        starts = torch.randint(0, ids.numel() - cfg.seq, (cfg.batch,), generator=gen)
+        yield torch.stack([ids[s:s + cfg.seq] for s in starts.tolist()])
+
+
+def train(model_path: str, out: str | Path, cfg: QATConfig, eval_fn: Callable | None = None, overwrite: bool = False,
+          resume: bool = False, on_step: Callable[[int, int, float, float], None] | None = None,
+          log: Callable[[str], None] = print) -> dict:
+    """Fine-tune with fake quantization, convert, write OUT (GPTQ v1 layout). Returns a summary."""
+    from quantool.ptq import load_source, prepare_out, resolve_device
+
+    cfg.validate()
+    if not Path(cfg.data).exists():
+        raise QuantoolError(f"--data {cfg.data} does not exist: pass a .txt or .jsonl training text")
+    out = Path(out)
+    device = resolve_device(cfg.device)
+    model, tok = load_source(model_path, dtype=torch.float32)
+    work = prepare_out(out, overwrite, resume)
+    try:
+        return _train(model, tok, model_path, out, work, cfg, device, eval_fn, resume, on_step, log)
+    except QuantoolError:
+        if not (work / "train_state.pt").exists():
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _train(model, tok, model_path, out: Path, work: Path, cfg: QATConfig, device, eval_fn, resume, on_step, log) -> dict:
+    from quantool.ptq import PTQConfig, write_checkpoint
+
+    model.to(device)
+    before = eval_fn(model, tok) if eval_fn else None
+    names = attach(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    ids = calibration.tokenize(tok, calibration.read_text(cfg.data))
+    lo, hi = (int(f * ids.numel()) for f in cfg.data_range)
+    ids = ids[lo:hi]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    step, losses = 0, []
+    state_path = work / "train_state.pt"
+    if resume and state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise QuantoolError(f"{work} was started with other settings; rerun with the same options, or --overwrite")
+        model.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        step, losses = state["step"], state["losses"]
+        log(f"resuming at step {step}")
+    batches = _batches(ids, cfg, gen)
+    model.train()
+    autocast = device.type == "cuda"
+    t0 = time.perf_counter()
+    while step < cfg.steps:
+        x = next(batches).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(loss.item())
+        if on_step:
+            on_step(step, cfg.steps, losses[-1], step * cfg.batch * cfg.seq / (time.perf_counter() - t0))
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            trainable = {k: v for k, v in model.state_dict().items() if k in {n for n, p in model.named_parameters() if p.requires_grad}}
+            torch.save({"config": asdict(cfg), "model": trainable, "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "gen": gen.get_state(), "step": step, "losses": losses}, work / "train_state.tmp")
+            (work / "train_state.tmp").replace(state_path)
+    model.eval()
+    fake_quant_after = eval_fn(model, tok) if eval_fn else None
+    results = convert(model, names)
+    after = eval_fn(model, tok) if eval_fn else None
+    ckpt = work / "checkpoint"
+    write_checkpoint(ckpt, model.to("cpu"), tok, results,
+                     PTQConfig(method="rtn", bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym), log)
+    summary = {"method": "qat", "config": asdict(cfg), "source": str(model_path), "steps": step,
+               "loss_first": sum(losses[:10]) / len(losses[:10]), "loss_last": sum(losses[-10:]) / len(losses[-10:]),
+               "ppl_before": before, "ppl_fake_quant": fake_quant_after, "ppl_after": after,
+               "seconds": time.perf_counter() - t0}
+    (ckpt / "quantool.json").write_text(json.dumps({**summary, "config": {**asdict(cfg), "method": "qat"}}, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    ckpt.rename(out)
+    shutil.rmtree(work)
+    return summary
