@@ -78,6 +78,10 @@ def describe_checkpoint(path: Path) -> dict:
         info["quant_seconds"] = m.get("seconds")
         if info["method"] == "gptq" and m["config"].get("act_order"):
             info["method"] = "gptq (act-order)"
+        elif info["method"] == "qat" and m["config"].get("fake_quant") is False:
+            info["method"] = "fine-tune, then rtn (control)"
+        elif info["method"] == "qat" and m["config"].get("lora_rank"):
+            info["method"] = f"qat (LoRA r{m['config']['lora_rank']})"
     info["size_bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.exists() else None
     return info
 

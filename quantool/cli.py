@@ -58,7 +58,8 @@ def _targets(value: str | None) -> tuple[str, ...]:
 @main.command()
 @click.option("--params", help="Model size, e.g. 500M, 1.5B, 7B, 70B (Llama-shaped).")
 @click.option("--model", "model_spec", help="Catalog name (llama-3-8b, qwen2.5-7b, ...), config.json or model dir.")
-@click.option("--method", default="inference", show_default=True, type=click.Choice(["inference", "full", "lora", "qlora", "qat"]))
+@click.option("--method", default="inference", show_default=True, type=click.Choice(["inference", "full", "lora", "qlora", "qat", "quantize"]),
+              help="quantize: quantool's own layer-by-layer PTQ job (see --ptq, --nsamples).")
 @click.option("--batch", default=1, show_default=True, type=int)
 @click.option("--seq", default=2048, show_default=True, type=int, help="Training sequence length, or prompt length for inference.")
 @click.option("--gen", default=256, show_default=True, type=int, help="New tokens generated (inference).")
@@ -70,6 +71,8 @@ def _targets(value: str | None) -> tuple[str, ...]:
 @click.option("--lora-targets", help="all, qv, or a comma list such as q_proj,v_proj (default all).")
 @click.option("--quant", default="none", show_default=True, type=click.Choice(["none", "int8", "nf4"]), help="Frozen base quantization.")
 @click.option("--kv-dtype", type=click.Choice(["bf16", "fp16", "fp32", "fp8", "int8", "int4"]), help="KV-cache dtype (default: weights dtype).")
+@click.option("--ptq", default="gptq", show_default=True, type=click.Choice(["gptq", "awq", "rtn"]), help="With --method quantize.")
+@click.option("--nsamples", default=128, show_default=True, type=int, help="Calibration samples, with --method quantize (--seq is their length).")
 @click.option("--gpus", default=1, show_default=True, type=int)
 @click.option("--zero", default=0, show_default=True, type=click.IntRange(0, 3), help="DeepSpeed ZeRO stage for data parallel training.")
 @click.option("--gpu", "gpu_spec", help="GPU name or size to check against: h100-80gb, rtx4090, 24GiB ...")
@@ -77,7 +80,7 @@ def _targets(value: str | None) -> tuple[str, ...]:
 @click.option("--measure", is_flag=True, help="Also run the workload on this machine's CUDA GPU and compare.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def memory(params, model_spec, method, batch, seq, gen, weights_dtype, autocast, optimizer, grad_checkpointing,
-           lora_rank, lora_targets, quant, kv_dtype, gpus, zero, gpu_spec, solve_for, measure, as_json):
+           lora_rank, lora_targets, quant, kv_dtype, ptq, nsamples, gpus, zero, gpu_spec, solve_for, measure, as_json):
     """Plan GPU memory for inference or training, before renting a GPU.
 
     \b
@@ -86,6 +89,7 @@ def memory(params, model_spec, method, batch, seq, gen, weights_dtype, autocast,
       quantool memory --model llama-3-8b --method lora --batch 4 --seq 4096 --gpu h100-80gb
       quantool memory --model ./my-model --gpu 24GiB --solve batch
       quantool memory --params 70B --method full --gpus 8 --zero 3 --optimizer adamw8bit --json
+      quantool memory --params 70B --method quantize --ptq gptq --seq 512 --gpu 24GiB
     """
     from quantool.memory import Job, estimate, from_param_count, resolve_model, solve
     from quantool.memory.gpus import gpu_bytes
@@ -101,7 +105,8 @@ def memory(params, model_spec, method, batch, seq, gen, weights_dtype, autocast,
     rank = lora_rank if lora_rank is not None else (16 if method in ("lora", "qlora") else 0)
     job = Job(method=method, batch=batch, seq=seq, gen=gen, weights_dtype=weights_dtype, autocast=autocast,
               optimizer=optimizer, grad_checkpointing=grad_checkpointing, lora_rank=rank,
-              lora_targets=_targets(lora_targets), quant=quant, kv_dtype=kv_dtype, gpus=gpus, zero=zero).validate()
+              lora_targets=_targets(lora_targets), quant=quant, kv_dtype=kv_dtype, gpus=gpus, zero=zero,
+              ptq=ptq, nsamples=nsamples).validate()
     gpu = gpu_bytes(gpu_spec) if gpu_spec else None
     solved = None
     if solve_for:
@@ -270,7 +275,7 @@ def quantize(**kw):
 
 
 def _method_command(method: str, summary: str, example: str):
-    @main.command(name=method, help=f"{summary}\n\n\b\nExample:\n  {example}")
+    @main.command(name=method, help=f"{summary}\n\n\b\nExample:\n  {example}", short_help=summary.split(":")[0])
     @_quant_options(method)
     def command(**kw):
         _quantize(method, **kw)
@@ -347,12 +352,7 @@ def bench(models, out, ppl, speed, text, text_range, ctx, stride, max_tokens, ba
     from quantool.bench import BenchConfig, run_bench, write_json
     from quantool.report import rows
 
-    try:
-        lo, hi = (float(v) for v in text_range.split(","))
-    except ValueError:
-        raise QuantoolError(f"--text-range takes two fractions like 0.5,1, got {text_range!r}") from None
-    if not (0 <= lo < hi <= 1):
-        raise QuantoolError(f"--text-range needs 0 <= start < end <= 1, got {text_range!r}")
+    lo, hi = _fractions(text_range, "--text-range")
     if not ppl and not speed:
         raise QuantoolError("nothing to measure: drop --no-ppl or add --speed")
     cfg = BenchConfig(ppl=ppl, speed=speed, text=text, ctx=ctx, stride=stride, batch=batch, max_tokens=max_tokens,

@@ -133,13 +133,14 @@ def quantize_model(model_path: str, out: str | Path, cfg: PTQConfig, overwrite: 
             shutil.rmtree(work, ignore_errors=True)
         raise
     summary["unpacked_linears"] = _unpacked(summary, work / "checkpoint")
+    summary["seconds"] = time.perf_counter() - start
+    summary["device"] = str(device)
     ckpt = work / "checkpoint"
     (ckpt / "quantool.json").write_text(json.dumps({"config": asdict(cfg), "source": str(model_path), **summary}, indent=2))
     if out.exists():
         shutil.rmtree(out)
     ckpt.rename(out)
     shutil.rmtree(work)
-    summary["seconds"] = time.perf_counter() - start
     summary["size_after"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     return summary
 
@@ -188,7 +189,6 @@ def quantize_layers(model_path, work: Path, cfg: PTQConfig, device, resume: bool
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model, tok = load_source(model_path, dtype=dtype)
     model.eval()
-    model.config.use_cache = False
     prefix, layers = decoder_layers(model)
     spec = cfg.spec()
     cfg_dict = asdict(cfg)

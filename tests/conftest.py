@@ -9,7 +9,7 @@ SHARED_MODEL = SHARED / "models" / "stories260K"
 TINYSTORIES = SHARED / "data" / "tinystories_val.txt"
 
 
-def make_tiny_llama(path: Path, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256, seed=0):
+def make_tiny_llama(path: Path, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, seed=0):
     """A random Llama checkpoint with a byte-level tokenizer copied from the shared model."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

@@ -61,6 +61,7 @@ def results(tiny_llama, tmp_path_factory, story_text):
 def test_bench_results_and_kernels(results):
     base, quant = results["models"]
     assert base["baseline"] and base["method"] == "fp16" and quant["method"] == "rtn"
+    assert quant["quant_seconds"] > 0 and base["quant_seconds"] is None
     assert base["ppl"]["tokens"] == quant["ppl"]["tokens"] > 0
     assert quant["kernels"].get("tinygemm (int4)") == 14  # every 4-bit linear of the tiny model runs packed
     for m in (base, quant):

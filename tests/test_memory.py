@@ -209,3 +209,17 @@ def test_measure_harness_runs_on_gpu():
     job = Job(method="full", batch=2, seq=512)
     measured = measure(shape, job)
     assert abs(estimate(shape, job).peak_bytes / measured["peak_bytes"] - 1) < 0.1
+
+
+def test_quantization_job_plan():
+    shape = resolve_model("llama-2-70b")
+    gptq = estimate(shape, Job(method="quantize", ptq="gptq", seq=512))
+    # one layer at a time: far below the model's own 138 GB of fp16 weights
+    assert gptq.peak_bytes < 24 * 2**30 < shape.param_count() * 2
+    # GPTQ's largest Hessian is down_proj's [in, in] fp32 matrix
+    assert gptq.components["Hessians of one sub-layer group (fp32)"] == 4 * 28672**2
+    awq_small = estimate(shape, Job(method="quantize", ptq="awq", seq=512, nsamples=32))
+    awq_large = estimate(shape, Job(method="quantize", ptq="awq", seq=512, nsamples=128))
+    assert awq_large.peak_bytes > awq_small.peak_bytes  # AWQ keeps every sample's features on the GPU
+    result = CliRunner().invoke(main, ["memory", "--params", "70B", "--method", "quantize", "--seq", "512", "--gpu", "24GiB", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["gpu"]["fits"]

@@ -67,6 +67,8 @@ def test_gptq_checkpoint_layout(tiny_llama, tmp_path, story_text):
     assert t["model.layers.1.self_attn.q_proj.qzeros"].shape == (2, 64 * 4 // 32)
     assert t["model.layers.1.self_attn.q_proj.g_idx"].tolist() == [i // 32 for i in range(64)]
     assert json.loads((out / "quantize_config.json").read_text())["checkpoint_format"] == "gptq"
+    config = json.loads((out / "config.json").read_text())
+    assert config["use_cache"] is True  # calibration must not leave generate without its KV cache
     assert not (tmp_path / "gptq.partial").exists()
 
 

@@ -33,7 +33,7 @@ def measure_speed(model, vocab: int, batch_sizes=(1, 8), prompt: int = 128, new_
         mask = torch.ones_like(ids)
 
         def generate(n):
-            return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, max_length=None, do_sample=False,
                                           pad_token_id=0, eos_token_id=None)
 
         def prefill():

@@ -21,7 +21,9 @@ from quantool.errors import QuantoolError
 from quantool.memory.shapes import ModelShape
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
-METHODS = ("inference", "full", "lora", "qlora", "qat")
+METHODS = ("inference", "full", "lora", "qlora", "qat", "quantize")
+PTQ_METHODS = ("gptq", "awq", "rtn")
+RUN_LAYER_CHUNK = 16  # samples per forward in quantool.model.layerwise.run_layer
 OPTIMIZERS = ("adamw", "adamw8bit", "paged-adamw8bit", "sgd")
 QUANTS = ("none", "int8", "nf4")
 NF4_BLOCK, NF4_DQ_BLOCK, ADAM8_BLOCK = 64, 256, 2048
@@ -46,10 +48,12 @@ class Job:
     kv_dtype: str | None = None
     gpus: int = 1
     zero: int = 0
+    ptq: str = "gptq"  # --method quantize: which algorithm's job
+    nsamples: int = 128  # --method quantize: calibration windows of --seq tokens
 
     @property
     def training(self) -> bool:
-        return self.method != "inference"
+        return self.method not in ("inference", "quantize")
 
     @property
     def uses_lora(self) -> bool:
@@ -68,7 +72,9 @@ class Job:
                                      ("quant", self.quant, QUANTS), ("weights-dtype", self.weights_dtype, ("bf16", "fp16", "fp32"))):
             if value not in allowed:
                 raise QuantoolError(f"unknown --{name} {value!r}: choose one of {', '.join(allowed)}")
-        for name, value in (("batch", self.batch), ("seq", self.seq), ("gpus", self.gpus)):
+        if self.ptq not in PTQ_METHODS:
+            raise QuantoolError(f"unknown --ptq {self.ptq!r}: choose one of {', '.join(PTQ_METHODS)}")
+        for name, value in (("batch", self.batch), ("seq", self.seq), ("gpus", self.gpus), ("nsamples", self.nsamples)):
             if value < 1:
                 raise QuantoolError(f"--{name} must be a positive integer, got {value}")
         if self.gen < 0 or self.lora_rank < 0:
@@ -398,11 +404,49 @@ def _training(shape: ModelShape, job: Job, weights: dict[str, float]) -> Plan:
     return Plan(shape, job, comps, phase, params, trainable, phases, outside, notes)
 
 
+def _quantization(shape: ModelShape, job: Job) -> Plan:
+    """quantool's own layer-by-layer GPTQ/AWQ/RTN job (fp16 on the GPU): one layer's weights and work at a time."""
+    wb, h, inter = 2, shape.hidden, shape.intermediate
+    lin = shape.linears()
+    layer_w = (shape.linear_params_per_layer() + shape.small_params_per_layer()) * wb
+    tokens = min(RUN_LAYER_CHUNK, job.nsamples) * job.seq
+    forward = tokens * wb * (2 * h + max(3 * inter, 3 * shape.q_dim + 2 * shape.kv_dim))
+    capture = shape.embedding_params() * wb + job.seq * h * 4
+    comps = {"one decoder layer's weights (fp16)": layer_w, "layer forward on one chunk of samples": forward}
+    if job.ptq == "gptq":
+        mlp = shape.mlp_names()
+        groups = [["q_proj", "k_proj", "v_proj"], ["o_proj"], list(mlp[:-1]), [mlp[-1]]]
+        hess = max(sum(4 * lin[n][0] ** 2 for n in g) for g in groups)
+        work = max(4 * 4 * i * o + 3 * 4 * i * i for i, o in lin.values())
+        comps["Hessians of one sub-layer group (fp32)"] = hess
+        comps["GPTQ working copies (W, Q, H^-1; fp32)"] = work
+    elif job.ptq == "awq":
+        t_all = job.nsamples * job.seq
+        inputs = {"q_proj": h, "o_proj": shape.q_dim, shape.mlp_names()[0]: h, shape.mlp_names()[-1]: inter}
+        comps["recorded linear inputs, all samples (fp16)"] = t_all * wb * sum(inputs.values())
+        comps["per-linear fp32 copies of those inputs"] = t_all * 4 * sum(i for i, _ in lin.values())
+        comps["scale-search block outputs (fp32)"] = 2 * t_all * 4 * h
+    else:
+        comps["RTN working copies (fp32)"] = max(3 * 4 * i * o for i, o in lin.values())
+    layer_phase = sum(comps.values())
+    phases = {"capture layer-0 inputs": capture, "quantize one layer": layer_phase}
+    phase = max(phases, key=phases.get)
+    if phase != "quantize one layer":
+        comps = {"embeddings (fp16) + one sample": capture}
+    notes = [f"{job.ptq.upper()} job: {job.nsamples} calibration samples x {job.seq} tokens, layers quantized one at a time",
+             "calibration hidden states stay in host memory: "
+             f"{2 * job.nsamples * job.seq * h * wb / 2**30:.2f} GiB (inputs and outputs of the current layer)"]
+    return Plan(shape, job, comps, phase, shape.param_count(), 0, phases, notes=notes)
+
+
 def estimate(shape: ModelShape, job: Job) -> Plan:
     """Predict the peak of torch.cuda.max_memory_allocated() for this job on this model."""
     job.validate()
     weights = weight_bytes(shape, job)
-    plan = _inference(shape, job, weights) if job.method == "inference" else _training(shape, job, weights)
+    if job.method == "quantize":
+        plan = _quantization(shape, job)
+    else:
+        plan = _inference(shape, job, weights) if job.method == "inference" else _training(shape, job, weights)
     plan.outside_allocator["CUDA context (approx.)"] = CUDA_CONTEXT_BYTES
     plan.outside_allocator["allocator slack (approx. 5%)"] = 0.05 * plan.peak_bytes
     if shape.note:

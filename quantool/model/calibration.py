@@ -37,7 +37,7 @@ def read_text(source: str | None) -> str:
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """One long 1-D id tensor, with BOS once at the start where the tokenizer has one."""
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", split_special_tokens=True).input_ids[0]
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", split_special_tokens=True, verbose=False).input_ids[0]
     bos = tokenizer.bos_token_id
     return torch.cat([torch.tensor([bos]), ids]) if bos is not None else ids
 

@@ -44,13 +44,16 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, f
     """Upper Cholesky factor of H^-1, raising damping x10 until the factorization succeeds."""
     mean_diag = torch.mean(torch.diag(H))
     damp = percdamp
-    while True:
+    while True:  # temporaries are dropped as soon as used: at most three [in, in] matrices live at once
         Hd = H.clone()
         Hd.diagonal().add_(damp * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0:
                 return U, damp
         if damp >= 10:
@@ -77,6 +80,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv, damp = _inverse_cholesky(H, percdamp)
+    del H
     blocksize = max(blocksize, g)
 
     Q = torch.zeros_like(W)
