@@ -101,8 +101,7 @@ def _kernels(model) -> dict[str, int]:
     return counts
 
 
-def run_bench(paths: list[str], cfg: BenchConfig, on_step: Callable[[str, int, int], None] | None = None,
-              log: Callable[[str], None] = print) -> dict:
+def run_bench(paths: list[str], cfg: BenchConfig, on_step: Callable[[str, int, int], None] | None = None) -> dict:
     from quantool.ptq import resolve_device
 
     device = resolve_device(cfg.device)

@@ -166,8 +166,11 @@ def _bnb(model_path: str, work: Path, cfg: PTQConfig, device: torch.device) -> d
     return {"method": cfg.method, "layers": [], "quantized_linears": n, "format": f"bitsandbytes-{cfg.method}"}
 
 
-def _save_layer(work: Path, index: int, results: dict[str, QuantizedWeight], x: torch.Tensor, report: LayerReport, cfg_dict: dict):
-    torch.save({k: asdict(v) for k, v in results.items()}, work / f"layer_{index:04d}.pt")
+def _save_layer(work: Path, index: int, layer, results: dict[str, QuantizedWeight], x: torch.Tensor, report: LayerReport,
+                cfg_dict: dict):
+    """The layer's quantized linears and its other parameters (AWQ rescales norms), then the next inputs."""
+    state = {k: v.detach().cpu() for k, v in layer.state_dict().items()}
+    torch.save({"quantized": {k: asdict(v) for k, v in results.items()}, "state": state}, work / f"layer_{index:04d}.pt")
     torch.save(x, work / "inputs.tmp")
     (work / "inputs.tmp").replace(work / "inputs.pt")
     state = {"done": index, "config": cfg_dict, "reports": _load_progress(work).get("reports", []) + [asdict(report)]}
@@ -217,10 +220,9 @@ def quantize_layers(model_path, work: Path, cfg: PTQConfig, device, resume: bool
     for i, layer in enumerate(layers):
         names = [f"{prefix}.{i}.{n}" for n in lmap.linears]
         if i <= done:
-            saved = {k: QuantizedWeight(**v) for k, v in torch.load(work / f"layer_{i:04d}.pt").items()}
-            for name, qw in saved.items():
-                _set_weight(model.get_submodule(name), qw.dequantize())
-            results.update(saved)
+            saved = torch.load(work / f"layer_{i:04d}.pt")
+            layer.load_state_dict(saved["state"])
+            results.update({k: QuantizedWeight(**v) for k, v in saved["quantized"].items()})
             continue
         t0 = time.perf_counter()
         layer.to(device)
@@ -234,7 +236,7 @@ def quantize_layers(model_path, work: Path, cfg: PTQConfig, device, resume: bool
         report.index, report.seconds = i, time.perf_counter() - t0
         named = {f"{prefix}.{i}.{n}": r for n, r in layer_results.items()}
         results.update(named)
-        _save_layer(work, i, named, x, report, cfg_dict)
+        _save_layer(work, i, layer, named, x, report, cfg_dict)
         reports.append(report)
         on_layer(report, len(layers))
     errors = [e for r in reports for e in r.errors.values()]

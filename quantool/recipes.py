@@ -81,7 +81,7 @@ def run_recipe(recipe: Recipe, model: str, workdir: Path, overwrite: bool = Fals
             log(f"quantizing {label(cfg)} -> {out}")
             quantize_model(model, out, cfg, overwrite=overwrite, on_layer=on_layer, log=log)
         paths.append(str(out))
-    results = run_bench(paths, recipe.bench, on_step=on_step, log=log)
+    results = run_bench(paths, recipe.bench, on_step=on_step)
     results["recipe"] = recipe.name
     json_path = workdir / f"{recipe.name}.json"
     write_json(results, json_path)

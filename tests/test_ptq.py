@@ -72,8 +72,9 @@ def test_gptq_checkpoint_layout(tiny_llama, tmp_path, story_text):
     assert not (tmp_path / "gptq.partial").exists()
 
 
-def test_resume_after_interrupt_gives_identical_checkpoint(tiny_llama, tmp_path, story_text):
-    cfg = PTQConfig(method="gptq", group_size=32, calib=calib_file(tmp_path, story_text), nsamples=4, seqlen=64, device="cpu")
+@pytest.mark.parametrize("method", ["gptq", "awq"])  # AWQ also rescales norms: those must survive a resume
+def test_resume_after_interrupt_gives_identical_checkpoint(tiny_llama, tmp_path, story_text, method):
+    cfg = PTQConfig(method=method, group_size=32, calib=calib_file(tmp_path, story_text), nsamples=4, seqlen=64, device="cpu")
 
     def crash(report, total):
         raise KeyboardInterrupt

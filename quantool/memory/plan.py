@@ -14,7 +14,6 @@ sdpa flash attention, LoRA and autocast casts), keyed so that tensors shared by 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 from quantool.errors import QuantoolError
@@ -471,10 +470,3 @@ def solve(shape: ModelShape, job: Job, budget: int, what: str) -> tuple[int, Pla
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo, estimate(shape, replace(job, **{what: lo}))
 
-
-def headroom(plan: Plan, budget: int) -> float:
-    return budget - plan.device_bytes
-
-
-def percent(part: float, whole: float) -> float:
-    return 100.0 * part / whole if whole else math.nan

@@ -48,14 +48,14 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def _common_parent(names: list[str]) -> str:
-    parts = [n.split(".") for n in names]
+    """The smallest module containing all the named ones (the module itself for one name)."""
+    if len(names) == 1:
+        return names[0]
     common = []
-    for level in zip(*parts):
+    for level in zip(*(n.split(".") for n in names)):
         if len(set(level)) != 1:
             break
         common.append(level[0])
-    if len(names) == 1:
-        return names[0]
     return ".".join(common)
 
 
@@ -93,10 +93,8 @@ def map_layer(layer: nn.Module, args: tuple, kwargs: dict) -> LayerMap:
     pairs = []
     for grp in groups:
         x = inputs[grp[0]]
-        producer = next((n for n, out in outputs.items() if n not in linears and out is x and _is_norm(layer.get_submodule(n), x)), None)
-        if producer is None:
-            producer = next((n for n, out in outputs.items() if n not in linears and out.shape == x.shape and _same(out, x)
-                             and _is_norm(layer.get_submodule(n), x)), None)
+        producer = next((n for n, out in outputs.items() if n not in linears and (out is x or _same(out, x))
+                         and _is_norm(layer.get_submodule(n), x)), None)
         if producer is not None:
             pairs.append(Pair(producer, "norm", grp, _common_parent(grp)))
             continue
@@ -148,7 +146,7 @@ def norm_offset(norm: nn.Module, x: torch.Tensor) -> float:
         saved_b = bias.detach().clone() if isinstance(bias, torch.Tensor) else None
         if saved_b is not None:
             bias.zero_()
-        y = norm(x[..., :].reshape(-1, x.shape[-1])[:4])
+        y = norm(x.reshape(-1, x.shape[-1])[:4])
         norm.weight.copy_(saved)
         if saved_b is not None:
             bias.copy_(saved_b)
