@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from quantool.cli import main
 from quantool.memory import Job, estimate, from_hf_config, from_param_count, resolve_model, solve
-from quantool.memory.plan import layer_saved_bytes_per_token
+from quantool.memory.plan import activation_bytes, layer_saved_bytes_per_token, rope_bytes
 from quantool.memory.shapes import ModelShape
 
 MEASURED = Path(__file__).parent / "data" / "memory_measurements.json"
@@ -97,6 +97,64 @@ def test_activation_inventory_matches_autograd(name, dtype, job, wrap):
     per_token = (measured[1] - measured[0]) / (b * s)
     shape = ModelShape("t", 128, 64, 176, 1, 4, 2, 16)
     assert layer_saved_bytes_per_token(shape, job) == per_token
+
+
+def _qlora_model(path, layers, kw):
+    """A real bitsandbytes NF4 model prepared as the QLoRA recipe does (bnb runs on CPU)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=layers, **kw), dtype=torch.bfloat16).save_pretrained(path)
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qc, device_map={"": "cpu"})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.0))
+
+
+WHOLE = [
+    ("full bf16", torch.bfloat16, Job(method="full", batch=2, seq=64), None),
+    ("full fp32", torch.float32, Job(method="full", weights_dtype="fp32", batch=2, seq=64), None),
+    ("lora all", torch.bfloat16, Job(method="lora", lora_rank=8, batch=2, seq=64), _lora("all-linear")),
+    ("full bf16 checkpointing", torch.bfloat16, Job(method="full", grad_checkpointing=True, batch=2, seq=64), "ckpt"),
+    ("qlora", None, Job(method="qlora", lora_rank=8, grad_checkpointing=False, batch=2, seq=64), "qlora"),
+]
+
+
+@pytest.mark.parametrize("name,dtype,job,wrap", WHOLE, ids=[c[0] for c in WHOLE])
+def test_whole_model_saved_bytes_match_autograd(name, dtype, job, wrap, tmp_path):
+    """All tensors saved by a training forward with labels == activations + the fp32 log-probs of the loss."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=16, tie_word_embeddings=False)
+    if wrap == "qlora":
+        pytest.importorskip("bitsandbytes")
+        model = _qlora_model(tmp_path / "m", 2, kw)
+    else:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=2, **kw), dtype=dtype, attn_implementation="sdpa")
+        if wrap == "ckpt":
+            model.gradient_checkpointing_enable()
+        elif wrap:
+            model = wrap(model)
+    model.train()
+    ids = torch.randint(0, 128, (job.batch, job.seq))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    shape = ModelShape("t", 128, 64, 176, 2, 4, 2, 16)
+    predicted = activation_bytes(shape, job) + 4 * job.batch * job.seq * shape.vocab + 4  # + fp32 log-probs, loss weight
+    if job.checkpointing:  # checkpointed layers hold RoPE's cos/sin on their context, out of reach of the hooks
+        predicted -= rope_bytes(shape, job)
+    assert sum(seen.values()) == predicted
 
 
 def test_checkpointing_and_lora_shrink_the_peak():

@@ -261,6 +261,33 @@ def layer_saved_bytes_per_token(shape: ModelShape, job: Job) -> float:
     return saved.total()
 
 
+def head_saved_bytes_per_token(shape: ModelShape, job: Job) -> float:
+    """Final norm and lm_head inputs, plus the int64 labels transformers keeps (labels and shifted labels)."""
+    saved = _Saved()
+    full = job.method in ("full", "qat") and not job.uses_lora
+    y = _norm_saves(saved, "final_norm", _stream_bytes(job), shape.hidden, full, shape.norm == "layer")
+    _linear_saves(saved, "lm_head", "final_norm.out", y, shape.hidden, "full" if full else "frozen", job)
+    return saved.total() + 8 * (2 if full else 1)  # int64 shifted labels (nll_loss); input ids if the embedding trains
+
+
+def rope_bytes(shape: ModelShape, job: Job) -> float:
+    """cos and sin, shared by the batch and all layers."""
+    return 2 * job.seq * shape.head_dim * _stream_bytes(job)
+
+
+def activation_bytes(shape: ModelShape, job: Job) -> float:
+    """Everything autograd keeps from forward to backward, logits and loss buffers excepted."""
+    tokens = job.batch * job.seq
+    if job.checkpointing:
+        per_layer, first_norm = shape.hidden * _stream_bytes(job), 0
+    else:
+        per_layer = layer_saved_bytes_per_token(shape, job)
+        # a frozen embedding's output needs no gradient, so layer 0's first norm keeps nothing of its input
+        frozen_input = job.uses_lora
+        first_norm = (4 * shape.hidden + 4 if shape.norm == "rms" else _stream_bytes(job) * shape.hidden + 8) if frozen_input else 0
+    return tokens * (shape.layers * per_layer - first_norm + head_saved_bytes_per_token(shape, job)) + rope_bytes(shape, job)
+
+
 def _logits_bytes(shape: ModelShape, job: Job, tokens: int) -> tuple[float, float, float]:
     """(forward, backward-start, after log_softmax backward) bytes of the logits and cross-entropy buffers.
 
@@ -351,15 +378,10 @@ def _training(shape: ModelShape, job: Job, weights: dict[str, float]) -> Plan:
     if n > 1 and job.zero == 0:
         comps_w["DDP gradient buckets"] = grads
 
-    per_layer = layer_saved_bytes_per_token(shape, job)
     sb = _stream_bytes(job)
-    head_saved = 4 * shape.hidden + (sb * shape.hidden if job.method in ("full", "qat") and not job.uses_lora else 0)
-    if job.checkpointing:
-        acts = tokens * (shape.layers * sb * shape.hidden + head_saved)
-        recompute = tokens * per_layer  # one layer's activations rebuilt during backward
-    else:
-        acts = tokens * (shape.layers * per_layer + head_saved)
-        recompute = 0
+    acts = activation_bytes(shape, job)
+    # with checkpointing, one layer's activations are rebuilt at a time during backward
+    recompute = tokens * layer_saved_bytes_per_token(shape, job) if job.checkpointing else 0
     extra = {}
     if job.autocast:
         extra["bf16 weight copies (autocast)"] = (shape.linear_params_per_layer() * shape.layers + (shape.lm_head_params() or shape.vocab * shape.hidden)) * 2
