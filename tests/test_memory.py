@@ -181,13 +181,30 @@ def test_kv_cache_is_gqa_aware():
     assert estimate(mha, job).components["KV cache"] == 2 * 32 * 4 * 4096 * 4096 * 2
 
 
-def test_nf4_weights_are_about_a_quarter():
-    shape = resolve_model("llama-2-7b")
-    bf16 = estimate(shape, Job(method="inference", gen=1, seq=1))
-    nf4 = estimate(shape, Job(method="inference", gen=1, seq=1, quant="nf4"))
-    lin16 = bf16.components["weights (linear layers)"]
-    lin4 = nf4.components["weights (linear layers, nf4 + quant metadata)"]
-    assert lin4 / lin16 == pytest.approx((0.5 + 1 / 64 + 4 / (64 * 256)) / 2)
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_quantized_weight_bytes_match_bitsandbytes(quant, tmp_path):
+    """Storage of real bitsandbytes layers (data, absmax, nested state, code tables, row scales) == the formula."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    qc = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16) if quant == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=qc, device_map={"": "cpu"})
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    measured = 0
+    for mod in model.modules():
+        if isinstance(mod, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            measured += nbytes(mod.weight)
+            if quant == "nf4":
+                qs = mod.weight.quant_state
+                measured += nbytes(qs.absmax) + nbytes(qs.code) + nbytes(qs.state2.absmax) + nbytes(qs.state2.code)
+            else:
+                measured += nbytes(mod.weight.SCB)
+    plan = estimate(from_hf_config(cfg.to_dict()), Job(method="inference", quant=quant, seq=1, gen=1))
+    assert plan.components[f"weights (linear layers, {quant} + quant metadata)"] == measured
 
 
 def test_zero_stages_shrink_per_gpu_memory():

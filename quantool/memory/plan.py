@@ -144,10 +144,11 @@ def lora_params(shape: ModelShape, job: Job) -> int:
     return per_layer * shape.layers
 
 
-def quantized_linear_bytes(n_params: int, rows: int, quant: str) -> float:
+def quantized_linear_bytes(n_params: int, rows: int, quant: str, n_linears: int) -> float:
     """Storage of bitsandbytes-quantized linear weights (data + quantization metadata)."""
-    if quant == "nf4":  # 4-bit codes, uint8 absmax per 64 (double quant), fp32 absmax per 256 blocks, 256-entry code
-        return n_params / 2 + n_params / NF4_BLOCK + 4 * n_params / (NF4_BLOCK * NF4_DQ_BLOCK)
+    if quant == "nf4":  # 4-bit codes, uint8 absmax per 64 (double quant), fp32 absmax per 256 blocks,
+        # and per layer the fp32 code tables: 256 entries for the nested absmax, 16 for NF4
+        return n_params / 2 + n_params / NF4_BLOCK + 4 * n_params / (NF4_BLOCK * NF4_DQ_BLOCK) + n_linears * 4 * (256 + 16)
     if quant == "int8":  # int8 codes + fp32 scale per output row (SCB)
         return n_params + 4 * rows
     raise ValueError(quant)
@@ -164,7 +165,8 @@ def weight_bytes(shape: ModelShape, job: Job) -> dict[str, float]:
     if job.base_quant == "none":
         out["weights (linear layers)"] = lin * wb
     else:
-        out[f"weights (linear layers, {job.base_quant} + quant metadata)"] = quantized_linear_bytes(lin, rows, job.base_quant)
+        n_linears = shape.layers * sum(max(shape.experts, 1) if n in shape.mlp_names() else 1 for n in shape.linears())
+        out[f"weights (linear layers, {job.base_quant} + quant metadata)"] = quantized_linear_bytes(lin, rows, job.base_quant, n_linears)
     return out
 
 
