@@ -298,3 +298,25 @@ def test_quantization_job_plan():
     assert awq_large.peak_bytes > awq_small.peak_bytes  # AWQ keeps every sample's features on the GPU
     result = CliRunner().invoke(main, ["memory", "--params", "70B", "--method", "quantize", "--seq", "512", "--gpu", "24GiB", "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["gpu"]["fits"]
+
+
+@pytest.mark.parametrize("job", [
+    Job(method="inference", batch=2, seq=32, gen=4),
+    Job(method="inference", batch=1, seq=16, gen=2, quant="nf4"),
+    Job(method="full", batch=2, seq=32),
+    Job(method="full", batch=2, seq=32, weights_dtype="fp32", autocast=True, optimizer="adamw8bit"),
+    Job(method="lora", batch=2, seq=32, lora_rank=4, quant="int8"),
+    Job(method="qlora", batch=2, seq=32, lora_rank=4),
+], ids=["inference", "inference-nf4", "full", "autocast-adamw8bit", "lora-int8", "qlora"])
+def test_measure_workloads_build_and_run_on_cpu(job):
+    """The --measure recipes (bnb swap, kbit preparation, PEFT, optimizers) run; the GPU adds only the peak reading."""
+    pytest.importorskip("bitsandbytes")
+    from quantool.memory.measure import build_workload
+
+    shape = ModelShape("t", 128, 64, 128, 2, 4, 2)
+    model, run = build_workload(shape, job, "cpu")
+    losses = run()
+    if job.training:
+        assert len(losses) == 2 and all(l == l for l in losses)  # finite, not NaN
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert trainable == estimate(shape, job).trainable_params

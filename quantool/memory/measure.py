@@ -61,20 +61,15 @@ def _optimizer(name: str, params, torch):
     return (bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit)(params, lr=1e-5)
 
 
-def measure(shape: ModelShape, job: Job, steps: int = 2) -> dict:
-    """Build the job, run it, return measured peaks in bytes (needs CUDA)."""
+def build_workload(shape: ModelShape, job: Job, device, steps: int = 2):
+    """The model of this job (random weights) and a function that runs the job once; weights built on device."""
     import torch
-
-    if not torch.cuda.is_available():
-        raise QuantoolError("--measure needs a CUDA GPU; none is visible (torch.cuda.is_available() is False)")
-    if job.gpus > 1:
-        raise QuantoolError("--measure runs on one GPU; drop --gpus")
     from transformers import AutoModelForCausalLM
 
     job.validate()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[job.weights_dtype]
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(hf_config(shape), dtype=dtype, attn_implementation="sdpa")
     if job.base_quant != "none":
         _swap_bnb_linears(model, job.base_quant, torch)
@@ -91,25 +86,48 @@ def measure(shape: ModelShape, job: Job, steps: int = 2) -> dict:
 
         targets = "all-linear" if job.lora_targets == ("all",) else (["q_proj", "v_proj"] if job.lora_targets == ("qv",) else list(job.lora_targets))
         model = get_peft_model(model, LoraConfig(r=job.lora_rank, lora_alpha=2 * job.lora_rank, lora_dropout=0.0, target_modules=targets))
-    torch.cuda.synchronize()
-    weights = torch.cuda.memory_allocated()
-    ids = torch.randint(0, shape.vocab, (job.batch, job.seq), device="cuda")
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    ids = torch.randint(0, shape.vocab, (job.batch, job.seq), device=device)
+
     if job.method == "inference":
         model.eval()
-        with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=job.gen, min_new_tokens=job.gen,
-                           do_sample=False, pad_token_id=0)
-    else:
-        model.train()
-        opt = _optimizer(job.optimizer, [p for p in model.parameters() if p.requires_grad], torch)
+
+        def run():
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=job.gen, min_new_tokens=job.gen,
+                               do_sample=False, pad_token_id=0)
+        return model, run
+
+    model.train()
+    opt = _optimizer(job.optimizer, [p for p in model.parameters() if p.requires_grad], torch)
+    device_type = torch.device(device).type
+
+    def run():
+        losses = []
         for _ in range(steps):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=job.autocast):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=job.autocast):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses
+    return model, run
+
+
+def measure(shape: ModelShape, job: Job, steps: int = 2) -> dict:
+    """Build the job, run it, return measured peaks in bytes (needs CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise QuantoolError("--measure needs a CUDA GPU; none is visible (torch.cuda.is_available() is False)")
+    if job.gpus > 1:
+        raise QuantoolError("--measure runs on one GPU; drop --gpus")
+    model, run = build_workload(shape, job, "cuda", steps)
+    torch.cuda.synchronize()
+    weights = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    run()
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
     return {
