@@ -320,3 +320,12 @@ def test_measure_workloads_build_and_run_on_cpu(job):
         assert len(losses) == 2 and all(l == l for l in losses)  # finite, not NaN
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert trainable == estimate(shape, job).trainable_params
+
+
+def test_cli_version_and_help():
+    runner = CliRunner()
+    assert runner.invoke(main, ["--version"]).output.strip() == f"quantool, version {__import__('quantool').__version__}"
+    help_text = runner.invoke(main, ["--help"]).output
+    for command in ("memory", "quantize", "gptq", "awq", "rtn", "int8", "nf4", "bench", "report", "run", "qat"):
+        assert f"  {command} " in help_text
+        assert "Example" in runner.invoke(main, [command, "--help"]).output
