@@ -181,7 +181,7 @@ def _print_plan(plan, gpu, solved, measured):
     if measured:
         err_pct = 100 * (plan.peak_bytes - measured["peak_bytes"]) / measured["peak_bytes"]
         console.print(f"measured on {measured['gpu']}: peak {fmt_bytes(measured['peak_bytes'])} "
-                  f"(prediction off by {err_pct:+.1f}%), weights {fmt_bytes(measured['weights_bytes'])}")
+                      f"(prediction off by {err_pct:+.1f}%), weights {fmt_bytes(measured['weights_bytes'])}")
     if solved:
         (what, value), = solved.items()
         console.print(f"largest {what} that fits {gpu[0]}: [bold]{value}[/]")
