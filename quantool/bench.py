@@ -18,7 +18,7 @@ from quantool.errors import QuantoolError
 from quantool.eval.perplexity import perplexity
 from quantool.eval.speed import measure_speed
 from quantool.loading import checkpoint_kind, load_model
-from quantool.model.calibration import tokenize
+from quantool.model.calibration import read_text, tokenize
 from quantool.qlinear import QuantLinear
 
 RESULTS_FORMAT = "quantool-results/1"
@@ -115,6 +115,8 @@ def run_bench(paths: list[str], cfg: BenchConfig, on_step: Callable[[str, int, i
                             "speed": cfg.speed and {"batch_sizes": list(cfg.batch_sizes), "prompt_tokens": cfg.prompt,
                                                     "new_tokens": cfg.new_tokens, "repeats": cfg.repeats}},
                "models": []}
+    text = read_text(cfg.text) if cfg.ppl else None
+    baseline_ids = None
     for i, path in enumerate(paths):
         p = Path(path)
         if not p.exists() and checkpoint_kind(p) != "hub":
@@ -123,9 +125,12 @@ def run_bench(paths: list[str], cfg: BenchConfig, on_step: Callable[[str, int, i
         entry["baseline"] = i == 0
         model, tok = load_model(p, device=device, kernel="dequant")
         if cfg.ppl:
-            from quantool.model.calibration import read_text
-
-            ids = tokenize(tok, read_text(cfg.text))
+            ids = tokenize(tok, text)
+            if baseline_ids is None:
+                baseline_ids = ids
+            elif not torch.equal(ids, baseline_ids):
+                raise QuantoolError(f"{path} tokenizes the evaluation text differently from {paths[0]}: "
+                                    f"perplexities would not compare; bench models that share a tokenizer")
             lo, hi = (int(f * ids.numel()) for f in cfg.text_range)
             ctx = min(cfg.ctx, getattr(model.config, "max_position_embeddings", cfg.ctx) or cfg.ctx)
             entry["ppl"] = perplexity(model, ids[lo:hi], ctx, cfg.stride, cfg.batch, cfg.max_tokens,

@@ -135,3 +135,19 @@ def test_run_recipe_end_to_end(tiny_llama, tmp_path, story_text):
     assert (tmp_path / "out" / "tiny.md").exists()
     data = read_results(tmp_path / "runs" / "tiny.json")
     assert [m["method"] for m in data["models"]] == ["fp16", "rtn"] and data["recipe"] == "tiny"
+
+
+def test_bench_refuses_models_that_tokenize_differently(tiny_llama, tmp_path, story_text):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama, other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.bos_token = tok.eos_token  # a different BOS id changes the evaluated token stream
+    tok.save_pretrained(other)
+    text = tmp_path / "eval.txt"
+    text.write_text(story_text[:20000])
+    with pytest.raises(QuantoolError, match="tokenizes the evaluation text differently"):
+        run_bench([str(tiny_llama), str(other)], BenchConfig(text=str(text), ctx=128, max_tokens=500, device="cpu"))

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quantool.quant.packing import pack_awq, pack_cols, pack_rows, unpack_awq, unpack_cols, unpack_rows
+from quantool.quant.quantizer import dequantize_groups
 
 
 @dataclass
@@ -34,8 +35,6 @@ class QuantizedWeight:
     bias: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
-        from quantool.quant.quantizer import dequantize_groups
-
         return dequantize_groups(self.q, self.scale, self.zero, self.g_idx)
 
 
