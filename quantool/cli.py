@@ -350,7 +350,7 @@ def bench(models, out, ppl, speed, text, text_range, ctx, stride, max_tokens, ba
     from pathlib import Path
 
     from quantool.bench import BenchConfig, run_bench, write_json
-    from quantool.report import rows
+    from quantool.report import fmt_or_dash, rows
 
     lo, hi = _fractions(text_range, "--text-range")
     if not ppl and not speed:
@@ -366,13 +366,9 @@ def bench(models, out, ppl, speed, text, text_range, ctx, stride, max_tokens, ba
     for col in ("model", "method", "bits", "perplexity", "change", "size"):
         table.add_column(col)
     for r in rows(results):
-        table.add_row(r["name"], r["method"], str(r["bits"]), _f(r.get("ppl"), "{:.4f}"), r.get("dppl_pct", "-"),
+        table.add_row(r["name"], r["method"], str(r["bits"]), fmt_or_dash(r.get("ppl"), "{:.4f}"), r.get("dppl_pct", "-"),
                       fmt_bytes(r["size"]) if r["size"] else "-")
     console.print(table)
-
-
-def _f(v, spec):
-    return "-" if v is None else spec.format(v)
 
 
 @main.command()
@@ -466,18 +462,9 @@ def qat(model, out, data, data_range, bits, group_size, sym, steps, lr, batch, s
     cfg = QATConfig(data=data, bits=bits, group_size=group_size, sym=sym, steps=steps, lr=lr, batch=batch, seq=seq,
                     lora_rank=lora_rank, lora_alpha=lora_alpha, act_bits=act_bits, save_every=save_every, seed=seed,
                     data_range=_fractions(data_range, "--data-range"), device=device, fake_quant=not no_fake_quant)
-    eval_fn = None
-    if eval_text:
-        lo, hi = _fractions(eval_range, "--eval-range")
+    from quantool.eval.perplexity import evaluator
 
-        def eval_fn(m, tok):
-            from quantool.eval.perplexity import perplexity
-            from quantool.model.calibration import read_text, tokenize
-
-            ids = tokenize(tok, read_text(eval_text))
-            ids = ids[int(lo * ids.numel()):int(hi * ids.numel())]
-            ctx = min(2048, m.config.max_position_embeddings)
-            return perplexity(m, ids.to(next(m.parameters()).device), ctx, max_tokens=eval_tokens)["ppl"]
+    eval_fn = evaluator(eval_text, _fractions(eval_range, "--eval-range"), max_tokens=eval_tokens) if eval_text else None
 
     progress = Progress(TextColumn("[bold]QAT[/]"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                         TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(),

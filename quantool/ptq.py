@@ -4,14 +4,15 @@ int8 and NF4 through bitsandbytes. Writes the checkpoint into OUT.partial/ and r
 from __future__ import annotations
 
 import json
-import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from quantool import workdir
 from quantool.errors import QuantoolError
 from quantool.formats import packed
 from quantool.formats.packed import QuantizedWeight
@@ -46,7 +47,7 @@ class PTQConfig:
 
     def spec(self) -> QuantSpec:
         sym = self.sym and self.method != "awq"  # AWQ is asymmetric (zero point), as in llm-awq
-        return QuantSpec(self.bits, self.group_size, sym, min_zero=1 if self.format() == "gptq" and not sym else 0)
+        return packed.spec_for(self.format(), self.bits, self.group_size, sym)
 
     def format(self) -> str:
         return "awq" if self.method == "awq" and self.bits == 4 else "gptq"
@@ -101,46 +102,26 @@ def load_source(model_path: str, dtype=torch.float32, **kwargs):
     return model, tokenizer
 
 
-def prepare_out(out: Path, overwrite: bool, resume: bool) -> Path:
-    """Check OUT and return its working folder OUT.partial (created)."""
-    work = out.with_name(out.name + ".partial")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise QuantoolError(f"{out} exists and is not empty: pass --overwrite to replace it, or choose another -o")
-    if work.exists() and not resume:
-        if not overwrite:
-            raise QuantoolError(f"{work} holds an unfinished run: pass --resume to continue it, or --overwrite to start over")
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    return work
-
-
 def quantize_model(model_path: str, out: str | Path, cfg: PTQConfig, overwrite: bool = False, resume: bool = False,
                    on_layer: Callable[[LayerReport, int], None] | None = None, log: Callable[[str], None] = print) -> dict:
     cfg.validate()
     out = Path(out)
     device = resolve_device(cfg.device)
     check_source(model_path)
-    work = prepare_out(out, overwrite, resume)
+    work = workdir.prepare(out, overwrite, resume)
     start = time.perf_counter()
-    try:
+    with workdir.discard_unless_started(work, "progress.json"):
         if cfg.method in ("int8", "nf4"):
             summary = _bnb(model_path, work, cfg, device)
         else:
             model, tok, results, summary = quantize_layers(model_path, work, cfg, device, resume, on_layer or (lambda r, n: None))
             write_checkpoint(work / "checkpoint", model, tok, results, cfg, log)
-    except QuantoolError:
-        if not (work / "progress.json").exists():
-            shutil.rmtree(work, ignore_errors=True)
-        raise
     summary["unpacked_linears"] = _unpacked(summary, work / "checkpoint")
     summary["seconds"] = time.perf_counter() - start
     summary["device"] = str(device)
     ckpt = work / "checkpoint"
     (ckpt / "quantool.json").write_text(json.dumps({"config": asdict(cfg), "source": str(model_path), **summary}, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    ckpt.rename(out)
-    shutil.rmtree(work)
+    workdir.publish(work, out)
     summary["size_after"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     return summary
 
@@ -218,7 +199,6 @@ def quantize_layers(model_path, work: Path, cfg: PTQConfig, device, resume: bool
     results: dict[str, QuantizedWeight] = {}
     reports = [LayerReport(**r) for r in progress.get("reports", [])]
     for i, layer in enumerate(layers):
-        names = [f"{prefix}.{i}.{n}" for n in lmap.linears]
         if i <= done:
             saved = torch.load(work / f"layer_{i:04d}.pt")
             layer.load_state_dict(saved["state"])
@@ -325,7 +305,9 @@ def _awq_layer(layer, lmap, x, kwargs, spec, cfg, device):
     inputs: dict[str, list] = {n: [] for n in linears}
     calls = {p.inspect: {} for p in lmap.pairs}
     with record_inputs(linears, lambda n, inp: inputs[n].append(inp.detach())):
-        with _record_many(layer, calls):
+        with ExitStack() as stack:
+            for name, store in calls.items():
+                stack.enter_context(record_call(layer.get_submodule(name), store))
             y = run_layer(layer, x, kwargs, device)  # full-precision outputs feed the next layer
     feats = {n: torch.cat([t.reshape(-1, t.shape[-1]) for t in v]).float() for n, v in inputs.items()}
     for pair in lmap.pairs:
@@ -360,21 +342,6 @@ def _awq_layer(layer, lmap, x, kwargs, spec, cfg, device):
         _set_weight(mod, qw.dequantize())
         results[name] = qw
     return results, report, y
-
-
-class _record_many:
-    """record_call on several modules at once."""
-
-    def __init__(self, layer, stores: dict):
-        self.ctx = [record_call(layer.get_submodule(n), store) for n, store in stores.items()]
-
-    def __enter__(self):
-        for c in self.ctx:
-            c.__enter__()
-
-    def __exit__(self, *exc):
-        for c in self.ctx:
-            c.__exit__(*exc)
 
 
 @torch.no_grad()

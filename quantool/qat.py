@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +19,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from quantool import workdir
 from quantool.errors import QuantoolError
+from quantool.formats import packed
 from quantool.formats.packed import QuantizedWeight
 from quantool.model import calibration
 from quantool.model.structure import decoder_layers
@@ -49,7 +50,7 @@ class QATConfig:
     fake_quant: bool = True  # False: the control run, plain fine-tuning then the same final quantization
 
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.sym, min_zero=0 if self.sym else 1)
+        return packed.spec_for("gptq", self.bits, self.group_size, self.sym)  # the converted checkpoint's layout
 
     def validate(self) -> "QATConfig":
         self.spec().validate()
@@ -156,7 +157,7 @@ def train(model_path: str, out: str | Path, cfg: QATConfig, eval_fn: Callable | 
           resume: bool = False, on_step: Callable[[int, int, float, float], None] | None = None,
           log: Callable[[str], None] = print) -> dict:
     """Fine-tune with fake quantization, convert, write OUT (GPTQ v1 layout). Returns a summary."""
-    from quantool.ptq import load_source, prepare_out, resolve_device
+    from quantool.ptq import load_source, resolve_device
 
     cfg.validate()
     if not Path(cfg.data).exists():
@@ -164,13 +165,9 @@ def train(model_path: str, out: str | Path, cfg: QATConfig, eval_fn: Callable | 
     out = Path(out)
     device = resolve_device(cfg.device)
     model, tok = load_source(model_path, dtype=torch.float32)
-    work = prepare_out(out, overwrite, resume)
-    try:
+    work = workdir.prepare(out, overwrite, resume)
+    with workdir.discard_unless_started(work, "train_state.pt"):
         return _train(model, tok, model_path, out, work, cfg, device, eval_fn, resume, on_step, log)
-    except QuantoolError:
-        if not (work / "train_state.pt").exists():
-            shutil.rmtree(work, ignore_errors=True)
-        raise
 
 
 def _train(model, tok, model_path, out: Path, work: Path, cfg: QATConfig, device, eval_fn, resume, on_step, log) -> dict:
@@ -233,8 +230,5 @@ def _train(model, tok, model_path, out: Path, work: Path, cfg: QATConfig, device
                "ppl_before": before, "ppl_fake_quant": fake_quant_after, "ppl_after": after,
                "seconds": time.perf_counter() - t0}
     (ckpt / "quantool.json").write_text(json.dumps({**summary, "config": {**asdict(cfg), "method": "qat"}}, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    ckpt.rename(out)
-    shutil.rmtree(work)
+    workdir.publish(work, out)
     return summary

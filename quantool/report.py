@@ -39,7 +39,7 @@ def rows(data: dict) -> list[dict]:
     return out
 
 
-def _fmt(v, spec="{:.2f}"):
+def fmt_or_dash(v, spec="{:.2f}"):
     return "-" if v is None else spec.format(v)
 
 
@@ -62,9 +62,9 @@ def markdown(data: dict, images: dict[str, str]) -> str:
                   "| model | method | bits | group | perplexity | change vs fp16 | change % | size on disk | compression | quantization time |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rs:
-            lines.append(f"| {r['name']} | {r['method']} | {r['bits']} | {_fmt(r['group'], '{}')} | {_fmt(r.get('ppl'), '{:.4f}')} "
-                         f"| {_fmt(r.get('dppl'), '{:+.4f}')} | {r.get('dppl_pct', '-')} | {fmt_bytes(r['size']) if r['size'] else '-'} "
-                         f"| {_fmt(r.get('ratio'), '{:.2f}x')} | {_fmt(r['quant_s'], '{:.1f} s')} |")
+            lines.append(f"| {r['name']} | {r['method']} | {r['bits']} | {fmt_or_dash(r['group'], '{}')} | {fmt_or_dash(r.get('ppl'), '{:.4f}')} "
+                         f"| {fmt_or_dash(r.get('dppl'), '{:+.4f}')} | {r.get('dppl_pct', '-')} | {fmt_bytes(r['size']) if r['size'] else '-'} "
+                         f"| {fmt_or_dash(r.get('ratio'), '{:.2f}x')} | {fmt_or_dash(r['quant_s'], '{:.1f} s')} |")
         lines.append("")
         if "ppl" in images:
             lines += [f"![perplexity vs size]({images['ppl']})", ""]
@@ -78,8 +78,8 @@ def markdown(data: dict, images: dict[str, str]) -> str:
                       "|---|---|---|---|---|---|"]
             for r in rs:
                 peak = r.get(f"peak_b{b}")
-                lines.append(f"| {r['name']} | {_fmt(r.get(f'prefill_b{b}'), '{:.0f}')} | {_fmt(r.get(f'decode_b{b}'), '{:.1f}')} "
-                             f"| {_fmt(r.get(f'speedup_b{b}'), '{:.2f}x')} | {_fmt(r.get(f'ttft_b{b}'), '{:.4f} s')} "
+                lines.append(f"| {r['name']} | {fmt_or_dash(r.get(f'prefill_b{b}'), '{:.0f}')} | {fmt_or_dash(r.get(f'decode_b{b}'), '{:.1f}')} "
+                             f"| {fmt_or_dash(r.get(f'speedup_b{b}'), '{:.2f}x')} | {fmt_or_dash(r.get(f'ttft_b{b}'), '{:.4f} s')} "
                              f"| {fmt_bytes(peak) if peak else 'n/a (CPU)'} |")
             lines.append("")
         lines += ["Kernels that ran (linear layers):", ""]

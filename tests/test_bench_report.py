@@ -1,6 +1,5 @@
 """Bench, report and recipes on a tiny model: files written whole, bad input refused in one line."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ from quantool.cli import main
 from quantool.errors import QuantoolError
 from quantool.eval.perplexity import windows
 from quantool.recipes import load_recipe
-from quantool.report import write_report
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -151,3 +149,22 @@ def test_bench_refuses_models_that_tokenize_differently(tiny_llama, tmp_path, st
     text.write_text(story_text[:20000])
     with pytest.raises(QuantoolError, match="tokenizes the evaluation text differently"):
         run_bench([str(tiny_llama), str(other)], BenchConfig(text=str(text), ctx=128, max_tokens=500, device="cpu"))
+
+
+def test_evaluator_scores_the_chosen_slice(tiny_llama, tmp_path, story_text):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantool.eval.perplexity import evaluator, perplexity
+    from quantool.model.calibration import tokenize
+
+    text = tmp_path / "eval.txt"
+    text.write_text(story_text[:20000])
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    evaluate = evaluator(str(text), (0.5, 1.0), ctx=128, max_tokens=1000)
+    ids = tokenize(tok, text.read_text())
+    expected = perplexity(model, ids[ids.numel() // 2:], 128, max_tokens=1000)["ppl"]
+    assert evaluate(model, tok) == pytest.approx(expected)
+    text.write_text("changed")  # tokenized once: later calls score the same tokens
+    assert evaluate(model, tok) == pytest.approx(expected)

@@ -10,10 +10,10 @@ import quantool
 from quantool.cli import main
 from quantool.eval.perplexity import perplexity
 from quantool.model.calibration import tokenize
-from quantool.ptq import PTQConfig, prepare_out, quantize_layers, quantize_model, write_checkpoint
+from quantool.ptq import PTQConfig, quantize_layers, quantize_model, write_checkpoint
 from quantool.qlinear import QuantLinear
 
-from conftest import SHARED_MODEL, TINYSTORIES
+from conftest import TINYSTORIES
 
 
 def calib_file(tmp_path, text):

@@ -12,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from quantool.errors import QuantoolError
+from quantool.model.calibration import read_text, tokenize
 
 
 def windows(n_tokens: int, ctx: int, stride: int | None) -> list[tuple[int, int, int]]:
@@ -53,3 +54,17 @@ def perplexity(model, ids: torch.Tensor, ctx: int, stride: int | None = None, ba
             on_step(step + 1, len(groups))
     nll = total_nll / total_tokens
     return {"ppl": math.exp(nll), "nll": nll, "tokens": total_tokens, "windows": len(spans), "ctx": ctx, "stride": stride}
+
+
+def evaluator(text: str, text_range: tuple[float, float] = (0.0, 1.0), ctx: int = 2048, max_tokens: int | None = None):
+    """(model, tokenizer) -> perplexity on a fixed slice of a text file; the text is tokenized once."""
+    cache = {}
+
+    def evaluate(model, tok) -> float:
+        if "ids" not in cache:
+            ids = tokenize(tok, read_text(text))
+            cache["ids"] = ids[int(text_range[0] * ids.numel()):int(text_range[1] * ids.numel())]
+        window = min(ctx, getattr(model.config, "max_position_embeddings", ctx) or ctx)
+        return perplexity(model, cache["ids"].to(next(model.parameters()).device), window, max_tokens=max_tokens)["ppl"]
+
+    return evaluate

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quantool.quant.packing import pack_awq, pack_cols, pack_rows, unpack_awq, unpack_cols, unpack_rows
-from quantool.quant.quantizer import dequantize_groups
+from quantool.quant.quantizer import QuantSpec, dequantize_groups
 
 
 @dataclass
@@ -36,6 +36,11 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_groups(self.q, self.scale, self.zero, self.g_idx)
+
+
+def spec_for(fmt: str, bits: int, group_size: int, sym: bool) -> QuantSpec:
+    """The quantizer a format can store: GPTQ v1 keeps zero - 1, so asymmetric zeros start at 1."""
+    return QuantSpec(bits, group_size, sym, min_zero=1 if fmt == "gptq" and not sym else 0)
 
 
 def packable(fmt: str, bits: int, in_f: int, out_f: int, g_idx: torch.Tensor) -> bool:

@@ -140,7 +140,7 @@ def lora_params(shape: ModelShape, job: Job) -> int:
     per_layer = 0
     for name, (i, o) in shape.linears().items():
         if name in targets:
-            per_layer += job.lora_rank * (i + o) * (max(shape.experts, 1) if name in shape.mlp_names() else 1)
+            per_layer += job.lora_rank * (i + o) * shape.copies(name)
     return per_layer * shape.layers
 
 
@@ -158,14 +158,14 @@ def weight_bytes(shape: ModelShape, job: Job) -> dict[str, float]:
     """Weights by kind: quantized or plain linears, and the rest (embeddings, norms, lm_head)."""
     wb = DTYPE_BYTES[job.weights_dtype]
     lin = shape.linear_params_per_layer() * shape.layers
-    rows = shape.layers * sum(o * (max(shape.experts, 1) if n in shape.mlp_names() else 1) for n, (_, o) in shape.linears().items())
+    rows = shape.layers * sum(o * shape.copies(n) for n, (_, o) in shape.linears().items())
     rest = shape.param_count() - lin
     rest_bytes = 4 if job.method == "qlora" else wb  # prepare_model_for_kbit_training upcasts the rest to fp32
     out = {"weights (other: embeddings, norms, lm_head)": rest * rest_bytes}
     if job.base_quant == "none":
         out["weights (linear layers)"] = lin * wb
     else:
-        n_linears = shape.layers * sum(max(shape.experts, 1) if n in shape.mlp_names() else 1 for n in shape.linears())
+        n_linears = shape.layers * sum(shape.copies(n) for n in shape.linears())
         out[f"weights (linear layers, {job.base_quant} + quant metadata)"] = quantized_linear_bytes(lin, rows, job.base_quant, n_linears)
     return out
 
@@ -285,8 +285,7 @@ def activation_bytes(shape: ModelShape, job: Job) -> float:
     else:
         per_layer = layer_saved_bytes_per_token(shape, job)
         # a frozen embedding's output needs no gradient, so layer 0's first norm keeps nothing of its input
-        frozen_input = job.uses_lora
-        first_norm = (4 * shape.hidden + 4 if shape.norm == "rms" else _stream_bytes(job) * shape.hidden + 8) if frozen_input else 0
+        first_norm = (4 * shape.hidden + 4 if shape.norm == "rms" else _stream_bytes(job) * shape.hidden + 8) if job.uses_lora else 0
     return tokens * (shape.layers * per_layer - first_norm + head_saved_bytes_per_token(shape, job)) + rope_bytes(shape, job)
 
 
@@ -465,11 +464,12 @@ def _quantization(shape: ModelShape, job: Job) -> Plan:
 def estimate(shape: ModelShape, job: Job) -> Plan:
     """Predict the peak of torch.cuda.max_memory_allocated() for this job on this model."""
     job.validate()
-    weights = weight_bytes(shape, job)
     if job.method == "quantize":
         plan = _quantization(shape, job)
+    elif job.method == "inference":
+        plan = _inference(shape, job, weight_bytes(shape, job))
     else:
-        plan = _inference(shape, job, weights) if job.method == "inference" else _training(shape, job, weights)
+        plan = _training(shape, job, weight_bytes(shape, job))
     plan.outside_allocator["CUDA context (approx.)"] = CUDA_CONTEXT_BYTES
     plan.outside_allocator["allocator slack (approx. 5%)"] = 0.05 * plan.peak_bytes
     if shape.note:

@@ -63,12 +63,13 @@ class ModelShape:
     def mlp_names(self) -> tuple[str, ...]:
         return ("gate_proj", "up_proj", "down_proj") if self.mlp == "gated" else ("fc1", "fc2")
 
+    def copies(self, name: str) -> int:
+        """How many instances of linear `name` a layer holds: one per expert for MoE MLP linears."""
+        return max(self.experts, 1) if name in self.mlp_names() else 1
+
     def linear_params_per_layer(self) -> int:
         """Weights of the quantizable linears of one layer (all experts)."""
-        total = 0
-        for name, (i, o) in self.linears().items():
-            total += i * o * (max(self.experts, 1) if name in self.mlp_names() else 1)
-        return total
+        return sum(i * o * self.copies(name) for name, (i, o) in self.linears().items())
 
     def small_params_per_layer(self) -> int:
         """Norms, biases and the MoE router: parameters outside the linear weights."""
