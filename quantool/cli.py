@@ -77,7 +77,8 @@ def _targets(value: str | None) -> tuple[str, ...]:
 @click.option("--zero", default=0, show_default=True, type=click.IntRange(0, 3), help="DeepSpeed ZeRO stage for data parallel training.")
 @click.option("--gpu", "gpu_spec", help="GPU name or size to check against: h100-80gb, rtx4090, 24GiB ...")
 @click.option("--solve", "solve_for", type=click.Choice(["batch", "seq"]), help="Find the largest batch or seq that fits --gpu.")
-@click.option("--measure", is_flag=True, help="Also run the workload on this machine's CUDA GPU and compare.")
+@click.option("--measure", type=click.Choice(["cuda", "cpu"]), is_flag=False, flag_value="cuda", default=None,
+              help="Also run the workload (random weights) and compare: on the CUDA GPU, or 'cpu' to trace its tensors on the CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def memory(params, model_spec, method, batch, seq, gen, weights_dtype, autocast, optimizer, grad_checkpointing,
            lora_rank, lora_targets, quant, kv_dtype, ptq, nsamples, gpus, zero, gpu_spec, solve_for, measure, as_json):
@@ -90,6 +91,7 @@ def memory(params, model_spec, method, batch, seq, gen, weights_dtype, autocast,
       quantool memory --model ./my-model --gpu 24GiB --solve batch
       quantool memory --params 70B --method full --gpus 8 --zero 3 --optimizer adamw8bit --json
       quantool memory --params 70B --method quantize --ptq gptq --seq 512 --gpu 24GiB
+      quantool memory --model smollm2-135m --method full --batch 2 --seq 512 --measure cpu
     """
     from quantool.memory import Job, estimate, from_param_count, resolve_model, solve
     from quantool.memory.gpus import gpu_bytes
@@ -120,7 +122,7 @@ def memory(params, model_spec, method, batch, seq, gen, weights_dtype, autocast,
     if measure:
         from quantool.memory.measure import measure as run_measure
 
-        measured = run_measure(shape, job)
+        measured = run_measure(shape, job, measure)
     if as_json:
         click.echo(json.dumps(_plan_json(plan, gpu, solved, measured), indent=2))
         return
@@ -180,8 +182,10 @@ def _print_plan(plan, gpu, solved, measured):
                   f"{fmt_bytes(plan.peak_bytes)}, saves {fmt_bytes(saved)} ({100 * saved / full.peak_bytes:.0f}%)")
     if measured:
         err_pct = 100 * (plan.peak_bytes - measured["peak_bytes"]) / measured["peak_bytes"]
-        console.print(f"measured on {measured['gpu']}: peak {fmt_bytes(measured['peak_bytes'])} "
-                      f"(prediction off by {err_pct:+.1f}%), weights {fmt_bytes(measured['weights_bytes'])}")
+        console.print(f"measured on {measured['device']}: peak {fmt_bytes(measured['peak_bytes'])} "
+                      f"(prediction off by {err_pct:+.1f}%), weights {fmt_bytes(measured['weights_bytes'])}", highlight=False)
+        for t in measured.get("largest_at_peak", [])[:5]:
+            console.print(f"[dim]  live at the peak: {fmt_bytes(t['bytes'])} from {t['op']} {t['shape']} {t['dtype']}[/]", highlight=False)
     if solved:
         (what, value), = solved.items()
         console.print(f"largest {what} that fits {gpu[0]}: [bold]{value}[/]")

@@ -52,10 +52,11 @@ def _swap_bnb_linears(model, quant: str, torch):
 
 
 def _optimizer(name: str, params, torch):
+    # foreach is what torch picks by default on CUDA; naming it makes a CPU trace allocate the same way
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=1e-5)
+        return torch.optim.AdamW(params, lr=1e-5, foreach=True)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-5)
+        return torch.optim.SGD(params, lr=1e-5, foreach=True)
     import bitsandbytes as bnb
 
     return (bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit)(params, lr=1e-5)
@@ -67,6 +68,8 @@ def build_workload(shape: ModelShape, job: Job, device, steps: int = 2):
     from transformers import AutoModelForCausalLM
 
     job.validate()
+    if job.method not in ("inference", "full", "lora", "qlora"):
+        raise QuantoolError(f"--measure builds the inference, full, lora and qlora recipes, not --method {job.method}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[job.weights_dtype]
     torch.manual_seed(0)
     with torch.device(device):
@@ -79,7 +82,8 @@ def build_workload(shape: ModelShape, job: Job, device, steps: int = 2):
         model.is_loaded_in_4bit = True
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=job.checkpointing)
     elif job.checkpointing:
-        model.gradient_checkpointing_enable()
+        # renamed activation_checkpointing_enable in transformers 5.2x; the old name warns
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         model.enable_input_require_grads()
     if job.uses_lora:
         from peft import LoraConfig, get_peft_model
@@ -114,14 +118,38 @@ def build_workload(shape: ModelShape, job: Job, device, steps: int = 2):
     return model, run
 
 
-def measure(shape: ModelShape, job: Job, steps: int = 2) -> dict:
-    """Build the job, run it, return measured peaks in bytes (needs CUDA)."""
+def _versions() -> dict:
     import torch
 
-    if not torch.cuda.is_available():
-        raise QuantoolError("--measure needs a CUDA GPU; none is visible (torch.cuda.is_available() is False)")
+    return {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+            "python": platform.python_version()}
+
+
+def measure(shape: ModelShape, job: Job, device: str = "cuda", steps: int = 2) -> dict:
+    """Build the job, run it, return the measured peak in bytes.
+
+    device "cuda": `torch.cuda.max_memory_allocated()` over the run. device "cpu": the same quantity
+    traced op by op (`trace.LiveTensorBytes`), with the tensors live at the peak.
+    """
+    import torch
+
     if job.gpus > 1:
-        raise QuantoolError("--measure runs on one GPU; drop --gpus")
+        raise QuantoolError("--measure runs on one device; drop --gpus")
+    if device == "cpu":
+        from quantool.memory.trace import LiveTensorBytes
+
+        model, run = build_workload(shape, job, "cpu", steps)
+        start = time.perf_counter()
+        with LiveTensorBytes("cpu", existing=[*model.parameters(), *model.buffers()]) as traced:
+            run()
+        return {"device": f"cpu ({platform.processor() or platform.machine()}), live tensor bytes traced op by op",
+                "peak_bytes": traced.peak_bytes, "weights_bytes": traced.start_bytes,
+                "largest_at_peak": traced.largest_at_peak(), "seconds": time.perf_counter() - start, **_versions()}
+    if device != "cuda":
+        raise QuantoolError(f"--measure runs on cuda or cpu, not {device!r}")
+    if not torch.cuda.is_available():
+        raise QuantoolError("--measure needs a CUDA GPU and none is visible (torch.cuda.is_available() is False); "
+                            "--measure cpu traces the same workload's tensors on the CPU instead")
     model, run = build_workload(shape, job, "cuda", steps)
     torch.cuda.synchronize()
     weights = torch.cuda.memory_allocated()
@@ -131,13 +159,11 @@ def measure(shape: ModelShape, job: Job, steps: int = 2) -> dict:
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
     return {
+        "device": torch.cuda.get_device_name(),
         "peak_bytes": torch.cuda.max_memory_allocated(),
         "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
         "weights_bytes": weights,
         "device_used_bytes": total - free,
         "seconds": time.perf_counter() - start,
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "python": platform.python_version(),
+        **_versions(),
     }

@@ -167,6 +167,8 @@ def weight_bytes(shape: ModelShape, job: Job) -> dict[str, float]:
     else:
         n_linears = shape.layers * sum(shape.copies(n) for n in shape.linears())
         out[f"weights (linear layers, {job.base_quant} + quant metadata)"] = quantized_linear_bytes(lin, rows, job.base_quant, n_linears)
+    if job.uses_lora:
+        out["LoRA adapters (fp32)"] = 4 * lora_params(shape, job)  # PEFT keeps adapters in fp32
     return out
 
 
@@ -209,6 +211,8 @@ def _linear_saves(saved: _Saved, name: str, x_key: str, x_bytes: int, width: int
         else:
             saved.add(f"{name}.lora_in", adapter * width)  # PEFT's per-module cast of the input
         saved.add(f"{name}.lora_mid", adapter * job.lora_rank)
+    if job.base_quant == "int8":
+        saved.add(x_key, x_bytes * width)  # bnb MatMul8bitLt keeps its input A whenever it needs a gradient
     return x_bytes if job.base_quant != "none" else compute  # bnb casts its output back to the input dtype
 
 
@@ -227,9 +231,14 @@ def _norm_saves(saved: _Saved, key: str, x_bytes: int, hidden: int, trainable: b
 
 def layer_saved_bytes_per_token(shape: ModelShape, job: Job) -> float:
     """Bytes autograd keeps per token for one decoder layer (no checkpointing)."""
+    return sum(_layer_saved_halves(shape, job))
+
+
+def _layer_saved_halves(shape: ModelShape, job: Job) -> tuple[float, float]:
+    """What one layer saves per token: (attention block with its norm, MLP block with its norm)."""
     saved = _Saved()
     targets = _target_names(shape, job)
-    full = job.method in ("full", "qat") and not job.uses_lora
+    full = _trains_every_weight(job)
     mode = lambda n: "full" if full else ("lora" if n in targets else "frozen")  # noqa: E731
     sb = _stream_bytes(job)
     layer_norm = shape.norm == "layer"
@@ -246,6 +255,7 @@ def layer_saved_bytes_per_token(shape: ModelShape, job: Job) -> float:
     saved.add("attn.out", attn_b * shape.q_dim)
     saved.add("attn.lse", 4 * shape.heads)
     _linear_saves(saved, "o", "attn.out", attn_b, shape.q_dim, mode("o_proj"), job)  # a view of sdpa's output
+    attention = saved.total()
 
     y = _norm_saves(saved, "mlp_norm", sb, shape.hidden, full, layer_norm)
     if shape.mlp == "gated":
@@ -260,15 +270,15 @@ def layer_saved_bytes_per_token(shape: ModelShape, job: Job) -> float:
         f_b = _linear_saves(saved, "fc1", "mlp_norm.out", y, shape.hidden, mode("fc1"), job)
         saved.add("mlp.act_in", f_b * shape.intermediate)
         _linear_saves(saved, "fc2", "mlp.act_out", f_b, shape.intermediate, mode("fc2"), job)
-    return saved.total()
+    return attention, saved.total() - attention
 
 
 def head_saved_bytes_per_token(shape: ModelShape, job: Job) -> float:
     """Final norm and lm_head inputs, plus the int64 labels transformers keeps (labels and shifted labels)."""
     saved = _Saved()
-    full = job.method in ("full", "qat") and not job.uses_lora
+    full = _trains_every_weight(job)
     y = _norm_saves(saved, "final_norm", _stream_bytes(job), shape.hidden, full, shape.norm == "layer")
-    _linear_saves(saved, "lm_head", "final_norm.out", y, shape.hidden, "full" if full else "frozen", job)
+    _linear_saves(saved, "lm_head", "final_norm.out", y, shape.hidden, "full" if full else "frozen", replace(job, quant="none"))
     return saved.total() + 8 * (2 if full else 1)  # int64 shifted labels (nll_loss); input ids if the embedding trains
 
 
@@ -286,6 +296,8 @@ def activation_bytes(shape: ModelShape, job: Job) -> float:
         per_layer = layer_saved_bytes_per_token(shape, job)
         # a frozen embedding's output needs no gradient, so layer 0's first norm keeps nothing of its input
         first_norm = (4 * shape.hidden + 4 if shape.norm == "rms" else _stream_bytes(job) * shape.hidden + 8) if job.uses_lora else 0
+        if job.base_quant == "int8":  # nor do layer 0's int8 q/k/v keep their input
+            first_norm += _stream_bytes(job) * shape.hidden
     return tokens * (shape.layers * per_layer - first_norm + head_saved_bytes_per_token(shape, job)) + rope_bytes(shape, job)
 
 
@@ -313,6 +325,43 @@ def _largest_linear(shape: ModelShape) -> int:
     return max(i * o for i, o in shape.linears().values())
 
 
+def _top_layer_backward(shape: ModelShape, job: Job, tokens: int, grad_bytes: int) -> dict[str, float]:
+    """Bytes above the saved activations (and lm_head's gradient) at three moments of the top layer's backward.
+
+    Followed op by op from the autograd formulas of transformers' Llama block (and checked with
+    `trace.LiveTensorBytes`): the final RMSNorm's backward holds five fp32 [T, h] temporaries; in the
+    MLP, mul's backward holds grad(prod), grad(silu), grad(up) once prod is released; sdpa's backward
+    holds the gradients of q, k, v and of its output. Blocks already passed have released their saved
+    tensors and left their weight gradients. With checkpointing the layer's saved tensors are rebuilt first.
+    """
+    h, inter, T = shape.hidden, shape.intermediate, tokens
+    gb = 2 if job.autocast else _stream_bytes(job)
+    attn_saved, mlp_saved = (T * b for b in _layer_saved_halves(shape, job))
+    rebuilt = attn_saved + mlp_saved if job.checkpointing else 0
+    head_saved = T * (head_saved_bytes_per_token(shape, job) - 4 * h - 4 - 8 * (2 if _trains_every_weight(job) else 1))
+    lin = shape.linears()
+    mlp_names = shape.mlp_names()
+    w_grads = lambda names: sum(lin[n][0] * lin[n][1] * shape.copies(n) for n in names) * grad_bytes if _trains_every_weight(job) else 0  # noqa: E731
+    stream_grad = T * h * gb
+    # bnb's MatMul4Bit.backward dequantizes the weight in its bf16 compute dtype (Linear4bit casts inputs to it)
+    deq = 2 * max(lin[n][0] * lin[n][1] for n in mlp_names) if job.base_quant == "nf4" else 0
+    # a LoRA-targeted down_proj first sends grad(prod) through its adapter: in the adapter's dtype, then cast
+    adapter = (2 if job.autocast else 4) if mlp_names[-1] in _target_names(shape, job) else 0
+    down = T * inter * (adapter + (gb if adapter != gb else 0) if adapter else gb) + deq
+    mlp = max(down, 2 * T * inter * gb) if shape.mlp == "gated" else down
+    attn = T * gb * (2 * shape.q_dim + 2 * shape.kv_dim)
+    return {
+        "backward (final norm)": T * h * 20 - head_saved,
+        "backward (top layer, MLP)": rebuilt - head_saved + stream_grad + mlp + w_grads(mlp_names[-1:]),
+        "backward (top layer, attention)": rebuilt - head_saved - mlp_saved + stream_grad + attn + w_grads([*mlp_names, "o_proj"]),
+    }
+
+
+def _trains_every_weight(job: Job) -> bool:
+    """Full fine-tuning or full QAT (no adapters)."""
+    return job.method in ("full", "qat") and not job.uses_lora
+
+
 # -- phases ------------------------------------------------------------------------------------------
 
 def _inference(shape: ModelShape, job: Job, weights: dict[str, float]) -> Plan:
@@ -325,7 +374,10 @@ def _inference(shape: ModelShape, job: Job, weights: dict[str, float]) -> Plan:
     # Prefill: live tensors inside the busiest sub-block of one layer (MLP: silu(gate), up, product).
     mlp_live = (3 if shape.mlp == "gated" else 2) * shape.intermediate * wb
     attn_live = (2 * shape.q_dim + 2 * shape.kv_dim + shape.q_dim) * wb
-    prefill_act = b * s * (max(mlp_live, attn_live, 8 * shape.hidden) + 2 * shape.hidden * wb)
+    # Alive beside them: the embedding output (referenced until the model's forward returns), the layer's
+    # input, the attention residual sum and the normed input; and the rotary cos/sin.
+    stream = (4 if shape.layers > 1 else 3) * shape.hidden * wb
+    prefill_act = b * s * (max(mlp_live, attn_live, 8 * shape.hidden) + stream) + 2 * s * shape.head_dim * wb
     if job.base_quant == "nf4":
         prefill_act += _largest_linear(shape) * wb  # bnb dequantizes the weight for multi-row matmuls
     elif job.base_quant == "int8":
@@ -379,10 +431,7 @@ def _training(shape: ModelShape, job: Job, weights: dict[str, float]) -> Plan:
     if n > 1 and job.zero == 0:
         comps_w["DDP gradient buckets"] = grads
 
-    sb = _stream_bytes(job)
     acts = activation_bytes(shape, job)
-    # with checkpointing, one layer's activations are rebuilt at a time during backward
-    recompute = tokens * layer_saved_bytes_per_token(shape, job) if job.checkpointing else 0
     extra = {}
     if job.autocast:
         extra["bf16 weight copies (autocast)"] = (shape.linear_params_per_layer() * shape.layers + (shape.lm_head_params() or shape.vocab * shape.hidden)) * 2
@@ -390,14 +439,16 @@ def _training(shape: ModelShape, job: Job, weights: dict[str, float]) -> Plan:
         extra["fake-quantized weight copies"] = shape.linear_params_per_layer() * shape.layers * DTYPE_BYTES[job.weights_dtype]
     logits_fwd, logits_bwd, logits_after = _logits_bytes(shape, job, tokens)
     lm_grad = shape.vocab * shape.hidden * tb if not job.uses_lora else 0
-    bwd_tmp = tokens * 4 * shape.intermediate * (2 if sb == 2 else 4)  # gradients of gate/up/act/product
-    if job.base_quant == "nf4":
-        bwd_tmp += _largest_linear(shape) * 2  # dequantized weight for grad_input
+    top = _top_layer_backward(shape, job, tokens, tb)
+    # forward(labels=...) fills a DynamicCache (use_cache stays on unless checkpointing turns it off) that lives
+    # until forward returns, so through the loss; its k/v are the tensors sdpa saves, except under autocast,
+    # where sdpa gets bf16 casts of the fp32 rotated k/v the cache holds
+    cache = 2 * shape.layers * tokens * shape.kv_dim * 4 if job.autocast and not job.checkpointing else 0
     W, X = sum(comps_w.values()), sum(extra.values())
     phases = {
-        "forward (loss)": W + states + X + acts + logits_fwd,
+        "forward (loss)": W + states + X + acts + logits_fwd + cache,
         "backward (start)": W + states + X + acts + max(logits_bwd, logits_after + lm_grad),
-        "backward (last layer)": W + states + X + acts + recompute + bwd_tmp + lm_grad,
+        **{phase: W + states + X + acts + lm_grad + v for phase, v in top.items()},
         "optimizer step": W + states + grads + step_tmp,
     }
     phase = max(phases, key=phases.get)
@@ -408,12 +459,12 @@ def _training(shape: ModelShape, job: Job, weights: dict[str, float]) -> Plan:
         comps["activations (saved for backward)"] = acts
     if phase == "forward (loss)":
         comps["logits + loss buffers"] = logits_fwd
+        comps["KV cache of the training forward (autocast)"] = cache
     elif phase == "backward (start)":
         comps["logits + loss buffers"] = phases[phase] - (W + states + X + acts)
-    elif phase == "backward (last layer)":
-        comps["recomputed layer (checkpointing)"] = recompute
-        comps["backward temporaries"] = bwd_tmp
+    elif phase != "optimizer step":
         comps["gradients (lm_head)"] = lm_grad
+        comps["backward temporaries (top layer" + (", recomputed" if job.checkpointing else "") + ")"] = top[phase]
     else:
         comps["gradients"] = grads
         comps["optimizer step temporaries"] = step_tmp
