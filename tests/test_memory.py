@@ -263,14 +263,18 @@ def test_malformed_config(tmp_path):
     assert result.exit_code == 2 and "missing hidden_size" in result.output
 
 
-@pytest.mark.skipif(not MEASURED.exists(), reason="no GPU measurements committed yet (issue 2: needs a lent GPU)")
-def test_prediction_error_against_measured_peaks():
-    cases = json.loads(MEASURED.read_text())["cases"]
-    errors = []
-    for case in cases:
+def measured_cases(data: dict):
+    """(shape, job, measured peak bytes) for each case of a results file from reports/measure_memory.py."""
+    for case in data["cases"]:
         shape = ModelShape(**{k: v for k, v in case["shape"].items() if k != "aliases"})
         job = Job(**{**case["job"], "lora_targets": tuple(case["job"]["lora_targets"])})
-        errors.append(abs(estimate(shape, job).peak_bytes / case["measured"]["peak_bytes"] - 1))
+        yield shape, job, case["measured"]["peak_bytes"]
+
+
+@pytest.mark.skipif(not MEASURED.exists(), reason="no GPU measurements committed yet (issue 2: needs a lent GPU)")
+def test_prediction_error_against_measured_peaks():
+    errors = [abs(estimate(shape, job).peak_bytes / peak - 1) for shape, job, peak in measured_cases(json.loads(MEASURED.read_text()))]
+    assert len(errors) >= 20
     assert max(errors) <= 0.05
     assert sorted(errors)[len(errors) // 2] <= 0.02
 

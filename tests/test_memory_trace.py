@@ -21,6 +21,7 @@ SHAPES = {  # each makes a different phase the peak
     "mlp": ModelShape("mlp-heavy", 256, 256, 688, 2, 4, 4),
     "attn": ModelShape("attention-heavy", 256, 128, 128, 2, 8, 8, head_dim=32),
     "tied": ModelShape("tied-gqa", 2000, 192, 512, 2, 6, 2, tied=True),
+    "tied-vocab": ModelShape("tied-large-vocab", 16000, 64, 172, 2, 4, 2, tied=True),  # embedding gradient last
 }
 _B = dict(batch=2, seq=64)
 JOBS = {
@@ -81,3 +82,31 @@ def test_prediction_matches_cpu_trace(trace_errors, shape_name, job_name):
 
 def test_trace_errors_median(trace_errors):
     assert statistics.median(abs(e) for e in trace_errors.values()) <= 0.01
+
+
+def test_measurement_runner_writes_what_the_accuracy_test_reads(tmp_path):
+    """reports/measure_memory.py end to end on the CPU: the file a GPU session commits, and its table."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from test_memory import measured_cases
+
+    path = Path(__file__).parent.parent / "reports" / "measure_memory.py"
+    spec = importlib.util.spec_from_file_location("measure_memory", path)
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    suite = tmp_path / "suite.json"
+    suite.write_text(json.dumps({"cases": [
+        {"model": "smollm2-135m", "job": {"method": "inference", "batch": 1, "seq": 32, "gen": 4}},
+        {"model": "smollm2-135m", "job": {"method": "lora", "batch": 1, "seq": 32, "lora_rank": 4, "lora_targets": ["qv"]}},
+    ]}))
+    out = tmp_path / "measured.json"
+    assert runner.main(["--device", "cpu", "--suite", str(suite), "-o", str(out)]) == 0
+    assert runner.main(["--device", "cpu", "--suite", str(suite), "-o", str(out), "--resume"]) == 0  # nothing re-run
+    data = json.loads(out.read_text())
+    assert len(data["cases"]) == 2 and not (tmp_path / "measured.json.partial").exists()
+    for (shape, job, measured), case in zip(measured_cases(data), data["cases"]):
+        assert abs(estimate(shape, job).peak_bytes / measured - 1) <= 0.05
+        assert case["label"].startswith(job.method)
+    assert "| smollm2-135m | lora b1 s32 lora qv |" in runner.table(data)

@@ -94,10 +94,13 @@ def build_workload(shape: ModelShape, job: Job, device, steps: int = 2):
 
     if job.method == "inference":
         model.eval()
+        # random weights may emit EOS early: with no EOS, generate runs exactly job.gen steps, and plain
+        # greedy decoding keeps its logits processors empty, as in a default generate call
+        model.generation_config.eos_token_id = None
 
         def run():
             with torch.no_grad():
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=job.gen, min_new_tokens=job.gen,
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=job.gen,
                                do_sample=False, pad_token_id=0)
         return model, run
 

@@ -382,20 +382,24 @@ def _inference(shape: ModelShape, job: Job, weights: dict[str, float]) -> Plan:
         prefill_act += _largest_linear(shape) * wb  # bnb dequantizes the weight for multi-row matmuls
     elif job.base_quant == "int8":
         prefill_act += b * s * max(o for _, o in shape.linears().values()) * 4  # int32 accumulator
-    last_logits = b * shape.vocab * (wb + 4)  # generate keeps only the last position's logits, upcast to fp32
+    # generate computes only the last position's logits and copies them to fp32; the previous step's fp32
+    # copy is still referenced while the next step runs, and while its own copy is made
+    logits = b * shape.vocab * (wb + 4)
+    held = b * shape.vocab * 4
     cat_growth = _kv_bytes(shape, job, b * (s + g)) / shape.layers / 2 / shard  # torch.cat copy of one layer's K
     phases = {
-        "prefill": sum(w.values()) + kv_prefill + prefill_act + last_logits,
-        "decode (end)": sum(w.values()) + kv_full + cat_growth + last_logits,
+        "prefill": sum(w.values()) + kv_prefill + max(prefill_act, logits),
+        "decode (end)": sum(w.values()) + kv_full + held + max(cat_growth, logits),
     }
     phase = max(phases, key=phases.get)
     comps = dict(w)
-    comps["KV cache"] = kv_prefill if phase == "prefill" else kv_full
     if phase == "prefill":
-        comps["activations (prefill, transient)"] = prefill_act
+        comps["KV cache"] = kv_prefill
+        comps["activations (prefill, transient)" if prefill_act >= logits else "logits (last token, + fp32 copy)"] = max(prefill_act, logits)
     else:
-        comps["KV cache growth (torch.cat copy)"] = cat_growth
-    comps["logits (last token)"] = last_logits
+        comps["KV cache"] = kv_full
+        comps["logits (previous step's fp32 copy)"] = held
+        comps["KV cache growth (torch.cat copy)" if cat_growth >= logits else "logits (last token, + fp32 copy)"] = max(cat_growth, logits)
     notes = [f"prefill {s} tokens, then {g} new tokens, batch {b}"]
     if job.gpus > 1:
         notes.append(f"layers split evenly over {job.gpus} GPUs (device_map='auto'); per-GPU figures")
@@ -440,6 +444,7 @@ def _training(shape: ModelShape, job: Job, weights: dict[str, float]) -> Plan:
     logits_fwd, logits_bwd, logits_after = _logits_bytes(shape, job, tokens)
     lm_grad = shape.vocab * shape.hidden * tb if not job.uses_lora else 0
     top = _top_layer_backward(shape, job, tokens, tb)
+    tied_grad = 2 * shape.vocab * shape.hidden * tb if shape.tied and _trains_every_weight(job) else 0
     # forward(labels=...) fills a DynamicCache (use_cache stays on unless checkpointing turns it off) that lives
     # until forward returns, so through the loss; its k/v are the tensors sdpa saves, except under autocast,
     # where sdpa gets bf16 casts of the fp32 rotated k/v the cache holds
@@ -449,25 +454,29 @@ def _training(shape: ModelShape, job: Job, weights: dict[str, float]) -> Plan:
         "forward (loss)": W + states + X + acts + logits_fwd + cache,
         "backward (start)": W + states + X + acts + max(logits_bwd, logits_after + lm_grad),
         **{phase: W + states + X + acts + lm_grad + v for phase, v in top.items()},
+        # last, the embedding's gradient: a tied embedding's arrives as a second dense [vocab, hidden] tensor
+        # that AccumulateGrad adds to lm_head's out of place, so three such tensors coexist
+        "backward (end)": W + states + grads + tied_grad,
         "optimizer step": W + states + grads + step_tmp,
     }
     phase = max(phases, key=phases.get)
     comps = dict(comps_w)
     comps["optimizer states"] = states
-    if phase != "optimizer step":
+    if phase in ("backward (end)", "optimizer step"):
+        comps["gradients"] = grads
+        comps["tied embedding's gradient + sum (transient)"] = tied_grad if phase == "backward (end)" else 0
+        comps["optimizer step temporaries"] = step_tmp if phase == "optimizer step" else 0
+    else:
         comps.update(extra)
         comps["activations (saved for backward)"] = acts
-    if phase == "forward (loss)":
-        comps["logits + loss buffers"] = logits_fwd
-        comps["KV cache of the training forward (autocast)"] = cache
-    elif phase == "backward (start)":
-        comps["logits + loss buffers"] = phases[phase] - (W + states + X + acts)
-    elif phase != "optimizer step":
-        comps["gradients (lm_head)"] = lm_grad
-        comps["backward temporaries (top layer" + (", recomputed" if job.checkpointing else "") + ")"] = top[phase]
-    else:
-        comps["gradients"] = grads
-        comps["optimizer step temporaries"] = step_tmp
+        if phase == "forward (loss)":
+            comps["logits + loss buffers"] = logits_fwd
+            comps["KV cache of the training forward (autocast)"] = cache
+        elif phase == "backward (start)":
+            comps["logits + loss buffers"] = phases[phase] - (W + states + X + acts)
+        else:
+            comps["gradients (lm_head)"] = lm_grad
+            comps["backward temporaries (top layer" + (", recomputed" if job.checkpointing else "") + ")"] = top[phase]
     comps = {k: v for k, v in comps.items() if v}
     notes = []
     if job.checkpointing:
