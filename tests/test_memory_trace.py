@@ -110,3 +110,20 @@ def test_measurement_runner_writes_what_the_accuracy_test_reads(tmp_path):
         assert abs(estimate(shape, job).peak_bytes / measured - 1) <= 0.05
         assert case["label"].startswith(job.method)
     assert "| smollm2-135m | lora b1 s32 lora qv |" in runner.table(data)
+
+
+def test_cli_measure_cpu():
+    import json
+
+    from click.testing import CliRunner
+
+    from quantool.cli import main
+
+    args = ["memory", "--model", "smollm2-135m", "--seq", "16", "--gen", "2", "--weights-dtype", "fp32"]
+    result = CliRunner().invoke(main, [*args, "--measure", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert abs(data["peak_bytes"] / data["measured"]["peak_bytes"] - 1) <= 0.05
+    assert data["measured"]["largest_at_peak"][0]["bytes"] > 0
+    table = CliRunner().invoke(main, [*args, "--measure", "cpu"])
+    assert table.exit_code == 0 and "live at the peak" in table.output and "traced op by op" in table.output

@@ -338,22 +338,24 @@ def _top_layer_backward(shape: ModelShape, job: Job, tokens: int, grad_bytes: in
     gb = 2 if job.autocast else _stream_bytes(job)
     attn_saved, mlp_saved = (T * b for b in _layer_saved_halves(shape, job))
     rebuilt = attn_saved + mlp_saved if job.checkpointing else 0
-    head_saved = T * (head_saved_bytes_per_token(shape, job) - 4 * h - 4 - 8 * (2 if _trains_every_weight(job) else 1))
+    # what the final norm's backward releases: its normed output and lm_head's input (not its fp32 input or labels)
+    head_released = T * (head_saved_bytes_per_token(shape, job) - 4 * h - 4 - 8 * (2 if _trains_every_weight(job) else 1))
     lin = shape.linears()
     mlp_names = shape.mlp_names()
     w_grads = lambda names: sum(lin[n][0] * lin[n][1] * shape.copies(n) for n in names) * grad_bytes if _trains_every_weight(job) else 0  # noqa: E731
     stream_grad = T * h * gb
     # bnb's MatMul4Bit.backward dequantizes the weight in its bf16 compute dtype (Linear4bit casts inputs to it)
     deq = 2 * max(lin[n][0] * lin[n][1] for n in mlp_names) if job.base_quant == "nf4" else 0
-    # a LoRA-targeted down_proj first sends grad(prod) through its adapter: in the adapter's dtype, then cast
-    adapter = (2 if job.autocast else 4) if mlp_names[-1] in _target_names(shape, job) else 0
-    down = T * inter * (adapter + (gb if adapter != gb else 0) if adapter else gb) + deq
+    down = T * inter * gb + deq  # grad(prod) from down_proj's backward
+    if mlp_names[-1] in _target_names(shape, job):  # a LoRA down_proj's adapter gradient comes first, cast if needed
+        adapter = 2 if job.autocast else 4
+        down = T * inter * (adapter + (gb if gb != adapter else 0)) + deq
     mlp = max(down, 2 * T * inter * gb) if shape.mlp == "gated" else down
     attn = T * gb * (2 * shape.q_dim + 2 * shape.kv_dim)
     return {
-        "backward (final norm)": T * h * 20 - head_saved,
-        "backward (top layer, MLP)": rebuilt - head_saved + stream_grad + mlp + w_grads(mlp_names[-1:]),
-        "backward (top layer, attention)": rebuilt - head_saved - mlp_saved + stream_grad + attn + w_grads([*mlp_names, "o_proj"]),
+        "backward (final norm)": T * h * 20 - head_released,
+        "backward (top layer, MLP)": rebuilt - head_released + stream_grad + mlp + w_grads(mlp_names[-1:]),
+        "backward (top layer, attention)": rebuilt - head_released - mlp_saved + stream_grad + attn + w_grads([*mlp_names, "o_proj"]),
     }
 
 
