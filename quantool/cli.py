@@ -163,7 +163,8 @@ def _print_plan(plan, gpu, solved, measured):
               f"method [bold]{job.method}[/], batch {job.batch}, seq {job.seq}" + (f", gen {job.gen}" if job.method == "inference" else ""), highlight=False)
     for note in plan.notes:
         console.print(f"[dim]- {note}[/]", highlight=False)
-    table = Table(title=f"Predicted peak of torch.cuda.max_memory_allocated() — at {plan.phase}", title_justify="left")
+    console.print(f"Predicted peak of torch.cuda.max_memory_allocated(), reached at: [bold]{plan.phase}[/]", highlight=False)
+    table = Table()
     table.add_column("component")
     table.add_column("bytes", justify="right")
     table.add_column("share", justify="right")
