@@ -2,7 +2,7 @@
 
 Each case builds its workload with random weights and runs it (quantool.memory.measure): on a CUDA GPU
 the peak of torch.cuda.max_memory_allocated(), on the CPU the same quantity traced op by op. The
-results file is rewritten after every case (temporary file, then rename), so a run cut short keeps
+results file is rewritten after every case (bench.write_json: temporary file, then rename), so a run cut short keeps
 what it measured and `--resume` carries on. `--table` prints the Markdown table of a results file.
 
     python reports/measure_memory.py                          # GPU -> tests/data/memory_measurements.json
@@ -14,24 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
+from quantool.bench import write_json
 from quantool.memory import Job, estimate, resolve_model
 from quantool.memory.measure import measure
 from quantool.units import fmt_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "tests" / "data" / "memory_suite.json"
-
-
-def _job(spec: dict) -> Job:
-    spec = dict(spec)
-    spec["lora_targets"] = tuple(spec.get("lora_targets", ("all",)))
-    return Job(**spec).validate()
 
 
 def _label(job: Job) -> str:
@@ -49,12 +43,6 @@ def _label(job: Job) -> str:
     if job.uses_lora and job.lora_targets != ("all",):
         parts.append("lora " + ",".join(job.lora_targets))
     return " ".join(parts)
-
-
-def _write(path: Path, data: dict):
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def table(data: dict) -> str:
@@ -94,17 +82,17 @@ def main(argv=None) -> int:
     for case in cases:
         if (case["model"], json.dumps(case["job"], sort_keys=True)) in done:
             continue
-        shape, job = resolve_model(case["model"]), _job(case["job"])
+        shape, job = resolve_model(case["model"]), Job.from_dict(case["job"]).validate()
         measured = measure(shape, job, args.device)
         predicted = estimate(shape, job).peak_bytes
         versions = ", ".join(f"{k} {measured.pop(k)}" for k in ("torch", "transformers", "python"))
         data.update(device=measured.pop("device"), versions=versions)
         data["cases"].append({
             "model": case["model"], "label": _label(job), "spec": case["job"],
-            "shape": {f.name: getattr(shape, f.name) for f in fields(shape) if f.name != "aliases"},
+            "shape": shape.to_dict(),
             "job": asdict(job), "measured": measured, "predicted_peak_bytes": predicted,
         })
-        _write(args.output, data)
+        write_json(data, args.output)
         print(f"{case['model']:16s} {_label(job):44s} measured {fmt_bytes(measured['peak_bytes']):>10s} "
               f"predicted {fmt_bytes(predicted):>10s} ({100 * (predicted / measured['peak_bytes'] - 1):+.1f}%)", flush=True)
     print(table(data))

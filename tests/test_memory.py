@@ -266,9 +266,7 @@ def test_malformed_config(tmp_path):
 def measured_cases(data: dict):
     """(shape, job, measured peak bytes) for each case of a results file from reports/measure_memory.py."""
     for case in data["cases"]:
-        shape = ModelShape(**{k: v for k, v in case["shape"].items() if k != "aliases"})
-        job = Job(**{**case["job"], "lora_targets": tuple(case["job"]["lora_targets"])})
-        yield shape, job, case["measured"]["peak_bytes"]
+        yield ModelShape.from_dict(case["shape"]), Job.from_dict(case["job"]), case["measured"]["peak_bytes"]
 
 
 @pytest.mark.skipif(not MEASURED.exists(), reason="no GPU measurements committed yet (issue 2: needs a lent GPU)")

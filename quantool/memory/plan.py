@@ -50,6 +50,11 @@ class Job:
     ptq: str = "gptq"  # --method quantize: which algorithm's job
     nsamples: int = 128  # --method quantize: calibration windows of --seq tokens
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Job":
+        """A Job from its asdict() form or a hand-written subset (JSON lists for lora_targets)."""
+        return cls(**{**d, "lora_targets": tuple(d.get("lora_targets", ("all",)))})
+
     @property
     def training(self) -> bool:
         return self.method not in ("inference", "quantize")

@@ -107,12 +107,17 @@ class ModelShape:
         d["aliases"] = list(self.aliases)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelShape":
+        """Inverse of to_dict (also reads catalog entries, whose aliases may be absent)."""
+        return cls(**{**d, "aliases": tuple(d.get("aliases", ()))})
+
 
 def _catalog() -> dict[str, ModelShape]:
     raw = json.loads(resources.files("quantool.memory").joinpath("data/architectures.json").read_text())
     shapes = {}
     for entry in raw["models"]:
-        shape = ModelShape(**{**entry, "aliases": tuple(entry.get("aliases", ()))})
+        shape = ModelShape.from_dict(entry)
         for key in (shape.name, *shape.aliases):
             shapes[key] = shape
     return shapes

@@ -37,7 +37,7 @@ class LiveTensorBytes(TorchDispatchMode):
         self._at_peak: list[int] = []
         for t in existing:
             self._track(t, "existing")
-        self.start_bytes = self.peak_bytes = self.live_bytes
+        self.start_bytes = self.live_bytes
 
     def _free(self, address: int):
         self.live_bytes -= self._records[self._live.pop(address)][3]
