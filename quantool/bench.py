@@ -150,13 +150,6 @@ def run_bench(paths: list[str], cfg: BenchConfig, on_step: Callable[[str, int, i
     return results
 
 
-def write_json(results: dict, out: Path):
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out)
-
-
 def read_results(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_text())

@@ -65,8 +65,12 @@ def _targets(value: str | None) -> tuple[str, ...]:
 @click.option("--gen", default=256, show_default=True, type=int, help="New tokens generated (inference).")
 @click.option("--weights-dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16", "fp32"]))
 @click.option("--autocast", is_flag=True, help="fp32 master weights with bf16 autocast (mixed precision).")
-@click.option("--optimizer", default="adamw", show_default=True, type=click.Choice(["adamw", "adamw8bit", "paged-adamw8bit", "sgd"]))
+@click.option("--optimizer", default="adamw", show_default=True,
+              type=click.Choice(["adamw", "adamw8bit", "paged-adamw8bit", "paged_adamw8bit", "sgd"]))
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=None, help="Default: on for qlora (as PEFT sets it), off otherwise.")
+@click.option("--keep-outputs", is_flag=True,
+              help="Training loop keeps `out = model(...)` until the next forward (its logits live through backward); "
+                   "default: Trainer style, `loss = model(...).loss`.")
 @click.option("--lora-rank", type=int, help="LoRA rank (default 16) for lora/qlora/qat.")
 @click.option("--lora-targets", help="all, qv, or a comma list such as q_proj,v_proj (default all).")
 @click.option("--quant", default="none", show_default=True, type=click.Choice(["none", "int8", "nf4"]), help="Frozen base quantization.")
@@ -75,12 +79,13 @@ def _targets(value: str | None) -> tuple[str, ...]:
 @click.option("--nsamples", default=128, show_default=True, type=int, help="Calibration samples, with --method quantize (--seq is their length).")
 @click.option("--gpus", default=1, show_default=True, type=int)
 @click.option("--zero", default=0, show_default=True, type=click.IntRange(0, 3), help="DeepSpeed ZeRO stage for data parallel training.")
-@click.option("--gpu", "gpu_spec", help="GPU name or size to check against: h100-80gb, rtx4090, 24GiB ...")
+@click.option("--gpu", "gpu_spec", help="GPU name or size to check against: h100-80gb, rtx4090, 24GiB ... "
+              "A name also sets the card's cuBLAS workspace and attention kernels (default: an H100's).")
 @click.option("--solve", "solve_for", type=click.Choice(["batch", "seq"]), help="Find the largest batch or seq that fits --gpu.")
 @click.option("--measure", type=click.Choice(["cuda", "cpu"]), is_flag=False, flag_value="cuda", default=None,
               help="Also run the workload (random weights) and compare: on the CUDA GPU, or 'cpu' to trace its tensors on the CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def memory(params, model_spec, method, batch, seq, gen, weights_dtype, autocast, optimizer, grad_checkpointing,
+def memory(params, model_spec, method, batch, seq, gen, weights_dtype, autocast, optimizer, grad_checkpointing, keep_outputs,
            lora_rank, lora_targets, quant, kv_dtype, ptq, nsamples, gpus, zero, gpu_spec, solve_for, measure, as_json):
     """Plan GPU memory for inference or training, before renting a GPU.
 
@@ -92,9 +97,11 @@ def memory(params, model_spec, method, batch, seq, gen, weights_dtype, autocast,
       quantool memory --params 70B --method full --gpus 8 --zero 3 --optimizer adamw8bit --json
       quantool memory --params 70B --method quantize --ptq gptq --seq 512 --gpu 24GiB
       quantool memory --model smollm2-135m --method full --batch 2 --seq 512 --measure cpu
+      quantool memory --model llama-3-8b --method qlora --seq 4096 --keep-outputs --gpu a100-80gb
     """
     from quantool.memory import Job, estimate, from_param_count, resolve_model, solve
-    from quantool.memory.gpus import gpu_bytes
+    from quantool.memory.cuda import HOPPER
+    from quantool.memory.gpus import lookup
 
     if bool(params) == bool(model_spec):
         raise QuantoolError("give exactly one of --params (e.g. 7B) or --model (catalog name, config.json or model dir)")
@@ -105,16 +112,17 @@ def memory(params, model_spec, method, batch, seq, gen, weights_dtype, autocast,
     if solve_for and not gpu_spec:
         raise QuantoolError("--solve needs --gpu NAME|SIZE to know the budget")
     rank = lora_rank if lora_rank is not None else (16 if method in ("lora", "qlora") else 0)
+    gpu = lookup(gpu_spec) if gpu_spec else None
     job = Job(method=method, batch=batch, seq=seq, gen=gen, weights_dtype=weights_dtype, autocast=autocast,
-              optimizer=optimizer, grad_checkpointing=grad_checkpointing, lora_rank=rank,
+              optimizer=optimizer.replace("_", "-"), grad_checkpointing=grad_checkpointing, lora_rank=rank,
               lora_targets=_targets(lora_targets), quant=quant, kv_dtype=kv_dtype, gpus=gpus, zero=zero,
-              ptq=ptq, nsamples=nsamples).validate()
-    gpu = gpu_bytes(gpu_spec) if gpu_spec else None
+              ptq=ptq, nsamples=nsamples, keep_outputs=keep_outputs,
+              compute_capability=gpu.compute_capability if gpu and gpu.compute_capability else HOPPER).validate()
     solved = None
     if solve_for:
-        value, _ = solve(shape, job, gpu[1], solve_for)
+        value, _ = solve(shape, job, gpu.bytes, solve_for)
         if value == 0:
-            raise QuantoolError(f"even {solve_for} 1 does not fit {gpu[0]}: reduce the model, use --quant nf4/qlora, or add --gpus")
+            raise QuantoolError(f"even {solve_for} 1 does not fit {gpu.name}: reduce the model, use --quant nf4/qlora, or add --gpus")
         job = replace(job, **{solve_for: value})
         solved = {solve_for: value}
     plan = estimate(shape, job)
@@ -134,6 +142,7 @@ def _plan_json(plan, gpu, solved, measured) -> dict:
 
     data = {
         "peak_bytes": plan.peak_bytes,
+        "traced_peak_bytes": plan.traced_peak_bytes,
         "components": {k: int(v) for k, v in plan.components.items()},
         "params": plan.params,
         "trainable_params": plan.trainable_params,
@@ -146,7 +155,8 @@ def _plan_json(plan, gpu, solved, measured) -> dict:
         "notes": plan.notes,
     }
     if gpu:
-        data["gpu"] = {"name": gpu[0], "bytes": gpu[1], "fits": plan.device_bytes <= gpu[1], "headroom_bytes": gpu[1] - plan.device_bytes}
+        data["gpu"] = {"name": gpu.name, "bytes": gpu.bytes, "compute_capability": gpu.compute_capability,
+                       "fits": plan.device_bytes <= gpu.bytes, "headroom_bytes": gpu.bytes - plan.device_bytes}
     if solved:
         data["solved"] = solved
     if measured:
@@ -182,18 +192,23 @@ def _print_plan(plan, gpu, solved, measured):
         console.print(f"vs full fine-tuning (bf16, AdamW, same batch/seq): {fmt_bytes(full.peak_bytes)} -> "
                   f"{fmt_bytes(plan.peak_bytes)}, saves {fmt_bytes(saved)} ({100 * saved / full.peak_bytes:.0f}%)")
     if measured:
-        err_pct = 100 * (plan.peak_bytes - measured["peak_bytes"]) / measured["peak_bytes"]
-        console.print(f"measured on {measured['device']}: peak {fmt_bytes(measured['peak_bytes'])} "
-                      f"(prediction off by {err_pct:+.1f}%), weights {fmt_bytes(measured['weights_bytes'])}", highlight=False)
+        traced = "traced_by" in measured  # a CPU trace sees no CUDA-only memory: compare like with like
+        predicted = plan.traced_peak_bytes if traced else plan.peak_bytes
+        err_pct = 100 * (predicted - measured["peak_bytes"]) / measured["peak_bytes"]
+        console.print(f"measured on {measured['device']}: peak {fmt_bytes(measured['peak_bytes'])} vs predicted "
+                      f"{fmt_bytes(predicted)}{' (without CUDA-only terms)' if traced else ''}: {err_pct:+.1f}%; "
+                      f"weights {fmt_bytes(measured['weights_bytes'])}", highlight=False)
         for t in measured.get("largest_at_peak", [])[:5]:
             console.print(f"[dim]  live at the peak: {fmt_bytes(t['bytes'])} from {t['op']} {t['shape']} {t['dtype']}[/]", highlight=False)
+        for g in measured.get("live_at_peak_by_origin", [])[:6]:
+            console.print(f"[dim]  live at the peak: {fmt_bytes(g['bytes'])} allocated in {g['origin']}[/]", highlight=False)
     if solved:
         (what, value), = solved.items()
-        console.print(f"largest {what} that fits {gpu[0]}: [bold]{value}[/]")
+        console.print(f"largest {what} that fits {gpu.name}: [bold]{value}[/]")
     if gpu:
-        room = gpu[1] - plan.device_bytes
+        room = gpu.bytes - plan.device_bytes
         verdict = "[green]fits[/]" if room >= 0 else "[red]does not fit[/]"
-        console.print(f"{verdict} on {gpu[0]} ({fmt_bytes(gpu[1])}): headroom {fmt_bytes(room)}")
+        console.print(f"{verdict} on {gpu.name} ({fmt_bytes(gpu.bytes)}): headroom {fmt_bytes(room)}")
     else:
         console.print(f"needs about {fmt_bytes(plan.device_bytes)} of GPU memory (pass --gpu to check a card)")
 
@@ -354,7 +369,8 @@ def bench(models, out, ppl, speed, text, text_range, ctx, stride, max_tokens, ba
     """
     from pathlib import Path
 
-    from quantool.bench import BenchConfig, run_bench, write_json
+    from quantool.atomic import write_json
+    from quantool.bench import BenchConfig, run_bench
     from quantool.report import fmt_or_dash, rows
 
     lo, hi = _fractions(text_range, "--text-range")

@@ -9,7 +9,8 @@ from typing import Callable
 
 import yaml
 
-from quantool.bench import BenchConfig, run_bench, write_json
+from quantool.atomic import write_json
+from quantool.bench import BenchConfig, run_bench
 from quantool.errors import QuantoolError
 from quantool.ptq import PTQConfig, quantize_model
 from quantool.report import write_report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quantool.atomic import write_text
 from quantool.units import fmt_bytes
 
 
@@ -146,7 +147,5 @@ def write_report(datas: list[dict], out: Path) -> list[Path]:
         for k, p in imgs.items():
             p.replace(final[k])
             written.append(final[k])
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n\n".join(parts))
-    tmp.replace(out)
+    write_text(out, "\n\n".join(parts))
     return [out, *written]

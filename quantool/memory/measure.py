@@ -2,16 +2,18 @@
 
 The recipes are exactly those `plan.py` predicts (README, "What is predicted"). Weights are random
 (`from_config`), which changes no byte of memory; bitsandbytes layers are swapped in on the GPU the
-way `from_pretrained(quantization_config=...)` builds them.
+way `from_pretrained(quantization_config=...)` builds them. On the CPU the same recipe runs with the
+attention kernel CUDA would pick forced where it matters (the math path), so a trace sees its tensors.
 """
 
 from __future__ import annotations
 
 import platform
 import time
+from contextlib import nullcontext
 
 from quantool.errors import QuantoolError
-from quantool.memory.plan import Job
+from quantool.memory.plan import Job, attention_backend
 from quantool.memory.shapes import ModelShape
 
 
@@ -100,25 +102,46 @@ def build_workload(shape: ModelShape, job: Job, device, steps: int = 2):
 
         def run():
             with torch.no_grad():
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=job.gen,
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=job.gen, use_cache=True,
                                do_sample=False, pad_token_id=0)
-        return model, run
+        return model, _as_on_cuda(shape, job, device, run)
 
     model.train()
     opt = _optimizer(job.optimizer, [p for p in model.parameters() if p.requires_grad], torch)
     device_type = torch.device(device).type
 
     def run():
-        losses = []
+        losses, out = [], None
         for _ in range(steps):
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=job.autocast):
-                loss = model(input_ids=ids, labels=ids).loss
+                if job.keep_outputs:  # `out = model(...)`: its logits live until the next forward returns
+                    out = model(input_ids=ids, labels=ids, use_cache=False)
+                    loss = out.loss
+                else:  # Trainer style: the output is dropped once its loss is read
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
         return losses
-    return model, run
+    return model, _as_on_cuda(shape, job, device, run)
+
+
+def cuda_attention(shape: ModelShape, job: Job):
+    """On the CPU, the attention kernel CUDA would use where its memory differs: the math path, forced."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH]) if attention_backend(shape, job) == "math" else nullcontext()
+
+
+def _as_on_cuda(shape: ModelShape, job: Job, device, run):
+    if device == "cuda" or str(device).startswith("cuda:"):
+        return run
+
+    def on_cpu():
+        with cuda_attention(shape, job):
+            return run()
+    return on_cpu
 
 
 def _versions() -> dict:
@@ -131,8 +154,9 @@ def _versions() -> dict:
 def measure(shape: ModelShape, job: Job, device: str = "cuda", steps: int = 2) -> dict:
     """Build the job, run it, return the measured peak in bytes.
 
-    device "cuda": `torch.cuda.max_memory_allocated()` over the run. device "cpu": the same quantity
-    traced op by op (`trace.LiveTensorBytes`), with the tensors live at the peak.
+    device "cuda": `torch.cuda.max_memory_allocated()` over the run, and what was live at that peak by the
+    code that allocated it (from the allocator's recorded history). device "cpu": the same quantity traced op
+    by op (`trace.LiveTensorBytes`), with the tensors live at the peak; it sees no CUDA-only memory.
     """
     import torch
 
@@ -146,27 +170,67 @@ def measure(shape: ModelShape, job: Job, device: str = "cuda", steps: int = 2) -
         with LiveTensorBytes("cpu", existing=[*model.parameters(), *model.buffers()]) as traced:
             run()
         return {"device": f"cpu ({platform.processor() or platform.machine()}), live tensor bytes traced op by op",
-                "peak_bytes": traced.peak_bytes, "weights_bytes": traced.start_bytes,
-                "largest_at_peak": traced.largest_at_peak(), "seconds": time.perf_counter() - start, **_versions()}
+                "traced_by": "quantool.memory.trace.LiveTensorBytes", "peak_bytes": traced.peak_bytes,
+                "weights_bytes": traced.start_bytes, "largest_at_peak": traced.largest_at_peak(),
+                "seconds": time.perf_counter() - start, **_versions()}
     if device != "cuda":
         raise QuantoolError(f"--measure runs on cuda or cpu, not {device!r}")
     if not torch.cuda.is_available():
         raise QuantoolError("--measure needs a CUDA GPU and none is visible (torch.cuda.is_available() is False); "
                             "--measure cpu traces the same workload's tensors on the CPU instead")
-    model, run = build_workload(shape, job, "cuda", steps)
-    torch.cuda.synchronize()
-    weights = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    run()
-    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    try:
+        model, run = build_workload(shape, job, "cuda", steps)
+        torch.cuda.synchronize()
+        weights = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
     free, total = torch.cuda.mem_get_info()
     return {
         "device": torch.cuda.get_device_name(),
+        "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())),
         "peak_bytes": torch.cuda.max_memory_allocated(),
         "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
         "weights_bytes": weights,
         "device_used_bytes": total - free,
+        "live_at_peak_by_origin": live_at_peak(snapshot, torch.cuda.current_device()),
         "seconds": time.perf_counter() - start,
         **_versions(),
     }
+
+
+def _origin(frames: list[dict]) -> str:
+    """The innermost Python frame outside torch's own module machinery, as package/path:function."""
+    for f in frames:
+        name = f.get("filename", "")
+        if "/torch/nn/modules/" in name or "/torch/utils/_contextlib" in name or name.startswith("<"):
+            continue
+        tail = name.split("site-packages/")[-1] if "site-packages/" in name else name.rsplit("/", 2)[-1]
+        return f"{tail}:{f.get('name', '?')}"
+    return "no Python frame (autograd engine or C++: backward, optimizer kernels, cuBLAS workspace)"
+
+
+def live_at_peak(snapshot: dict, device: int = 0, top: int = 8) -> list[dict]:
+    """Replay a `torch.cuda.memory._snapshot()` trace to its allocated peak and group the blocks live there
+    by the code that allocated them. Blocks allocated before recording began are not in the trace."""
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for event in snapshot["device_traces"][device]:
+        action, addr = event["action"], event.get("addr")
+        if action == "alloc":
+            live[addr] = (event["size"], _origin(event.get("frames", [])))
+            total += event["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif action in ("free_requested", "free_completed") and addr in live:
+            total -= live.pop(addr)[0]
+    groups: dict[str, int] = {}
+    for size, origin in at_peak.values():
+        groups[origin] = groups.get(origin, 0) + size
+    return [{"origin": o, "bytes": b} for o, b in sorted(groups.items(), key=lambda kv: -kv[1])[:top]]
