@@ -5,6 +5,6 @@ __version__ = "0.1.0"
 
 def load(path, device="cpu", dtype=None):
     """Load any checkpoint quantool writes (GPTQ, AWQ, bitsandbytes int8/NF4, fp16) for evaluation."""
-    from quantool.loading import load_model
+    from quantool.formats.loading import load_model
 
     return load_model(path, device=device, dtype=dtype)

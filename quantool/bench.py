@@ -14,12 +14,13 @@ from typing import Callable
 import torch
 
 from quantool import __version__
+from quantool.device import resolve_device
 from quantool.errors import QuantoolError
 from quantool.eval.perplexity import perplexity
 from quantool.eval.speed import measure_speed
-from quantool.loading import checkpoint_kind, load_model
-from quantool.model.calibration import read_text, tokenize
-from quantool.qlinear import QuantLinear
+from quantool.formats.loading import checkpoint_kind, load_model
+from quantool.formats.qlinear import QuantLinear
+from quantool.model.calibration import fit_context, read_text, tokenize
 
 RESULTS_FORMAT = "quantool-results/1"
 
@@ -102,8 +103,6 @@ def _kernels(model) -> dict[str, int]:
 
 
 def run_bench(paths: list[str], cfg: BenchConfig, on_step: Callable[[str, int, int], None] | None = None) -> dict:
-    from quantool.ptq import resolve_device
-
     device = resolve_device(cfg.device)
     if not paths:
         raise QuantoolError("give at least the baseline MODEL")
@@ -132,7 +131,7 @@ def run_bench(paths: list[str], cfg: BenchConfig, on_step: Callable[[str, int, i
                 raise QuantoolError(f"{path} tokenizes the evaluation text differently from {paths[0]}: "
                                     f"perplexities would not compare; bench models that share a tokenizer")
             lo, hi = (int(f * ids.numel()) for f in cfg.text_range)
-            ctx = min(cfg.ctx, getattr(model.config, "max_position_embeddings", cfg.ctx) or cfg.ctx)
+            ctx = fit_context(cfg.ctx, model.config)
             entry["ppl"] = perplexity(model, ids[lo:hi], ctx, cfg.stride, cfg.batch, cfg.max_tokens,
                                       on_step=(lambda s, n, name=entry["name"]: on_step(f"ppl {name}", s, n)) if on_step else None)
         if cfg.speed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import replace
@@ -215,44 +216,52 @@ def _print_plan(plan, gpu, solved, measured):
 
 # -- quantize ----------------------------------------------------------------------------------------
 
-def _quant_options(method: str | None):
-    """The options every quantize command shares; method None adds --method."""
+def config_options(cls, skip: tuple[str, ...] = ()):
+    """click options generated from a config dataclass: each field's flag, type, default and help (its metadata)."""
     def deco(f):
-        opts = [
+        for fld in reversed(dataclasses.fields(cls)):
+            if fld.name in skip:
+                continue
+            meta, default = fld.metadata, fld.default
+            flag = meta.get("flag") or "--" + fld.name.replace("_", "-")
+            kw = dict(default=default, show_default=default is not None, help=meta.get("help"))
+            if "choices" in meta:
+                kw["type"] = click.Choice(list(meta["choices"]))
+            elif isinstance(default, bool) and "/" not in flag:
+                kw["is_flag"] = True
+            elif default is not None:
+                kw["type"] = type(default)
+            f = click.option(flag, fld.name, **kw)(f)
+        return f
+    return deco
+
+
+def _quant_options(method: str | None):
+    """What every quantize command takes: MODEL, -o, the run flags, and PTQConfig's fields (--method only for
+    `quantool quantize`)."""
+    from quantool.ptq.config import PTQConfig
+
+    def deco(f):
+        f = config_options(PTQConfig, skip=() if method is None else ("method",))(f)
+        for opt in reversed([
             click.argument("model"),
             click.option("-o", "--out", required=True, type=click.Path(), help="Output directory (written only when complete)."),
-            click.option("--bits", default=4, show_default=True, type=int),
-            click.option("--group-size", default=128, show_default=True, type=int, help="32/64/128, or -1 for per channel."),
-            click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or zero-point quantization (GPTQ/RTN)."),
-            click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal."),
-            click.option("--static-groups", is_flag=True, help="GPTQ with --act-order: groups fixed before reordering."),
-            click.option("--damp", default=0.01, show_default=True, type=float, help="GPTQ dampening (fraction of mean diag)."),
-            click.option("--duo-scaling", is_flag=True, help="AWQ: scale by x^a / w^(1-a) instead of x^a."),
-            click.option("--no-clip", is_flag=True, help="AWQ: skip the clipping search."),
-            click.option("--calib", help="Calibration .txt/.jsonl file or HF dataset id (default: text shipped with quantool)."),
-            click.option("--nsamples", default=128, show_default=True, type=int),
-            click.option("--seqlen", default=512, show_default=True, type=int),
-            click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ..."),
             click.option("--overwrite", is_flag=True, help="Replace an existing OUT (and any unfinished run)."),
             click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished layer."),
             click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
-        ]
-        if method is None:
-            opts.insert(1, click.option("--method", required=True, type=click.Choice(["int8", "nf4", "gptq", "awq", "rtn"])))
-        for opt in reversed(opts):
+        ]):
             f = opt(f)
         return f
     return deco
 
 
-def _quantize(method, model, out, bits, group_size, sym, act_order, static_groups, damp, duo_scaling, no_clip, calib,
-              nsamples, seqlen, device, overwrite, resume, as_json):
+def _quantize(model, out, overwrite, resume, as_json, **settings):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from quantool.ptq import PTQConfig, quantize_model
 
-    cfg = PTQConfig(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
-                    damp=damp, duo_scaling=duo_scaling, clip=not no_clip, calib=calib, nsamples=nsamples, seqlen=seqlen, device=device)
+    cfg = PTQConfig(**settings)
+    method, bits = cfg.method, cfg.bits
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
                         TimeElapsedColumn(), console=err, disable=as_json)
     task = None
@@ -268,7 +277,7 @@ def _quantize(method, model, out, bits, group_size, sym, act_order, static_group
 
     with progress:
         summary = quantize_model(model, out, cfg, overwrite=overwrite, resume=resume, on_layer=on_layer,
-                                 log=lambda m: err.print(f"[dim]{m}[/]", highlight=False))
+                                 log=lambda m: err.print(f"[dim]{m}[/]", highlight=False, soft_wrap=True))
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
         return
@@ -298,19 +307,22 @@ def _method_command(method: str, summary: str, example: str):
     @main.command(name=method, help=f"{summary}\n\n\b\nExample:\n  {example}", short_help=summary.split(":")[0])
     @_quant_options(method)
     def command(**kw):
-        _quantize(method, **kw)
+        _quantize(method=method, **kw)
     return command
 
 
-_method_command("gptq", "GPTQ (Frantar et al. 2022): Hessian-aware rounding, layer by layer; GPTQ v1 checkpoint.",
-                "quantool gptq ./model --bits 4 --group-size 128 --act-order -o ./model-gptq")
-_method_command("awq", "AWQ (Lin et al. 2023): activation-aware scales and clipping; AWQ GEMM checkpoint.",
+_method_command("gptq", "GPTQ (Frantar et al. 2022): Hessian-aware rounding, layer by layer, streamed from the safetensors "
+                "shards (one layer in memory); GPTQ v1 checkpoint.",
+                "quantool gptq ./model --bits 4 --group-size 128 -o ./model-gptq")
+_method_command("awq", "AWQ (Lin et al. 2023): activation-aware scales and clipping, layer by layer, streamed; AWQ GEMM checkpoint.",
                 "quantool awq ./model --bits 4 -o ./model-awq")
-_method_command("rtn", "Round-to-nearest baseline, group-wise; GPTQ v1 checkpoint.",
+_method_command("rtn", "Round-to-nearest baseline, group-wise, streamed layer by layer (no calibration); GPTQ v1 checkpoint.",
                 "quantool rtn ./model --bits 4 --group-size 128 -o ./model-rtn")
-_method_command("int8", "LLM.int8 (bitsandbytes, outlier threshold 6.0); transformers' bnb serialization.",
+_method_command("int8", "LLM.int8 (bitsandbytes, outlier threshold 6.0): loads the whole model, as transformers does; "
+                "transformers' bnb serialization.",
                 "quantool int8 ./model -o ./model-int8")
-_method_command("nf4", "QLoRA NF4 with double quantization, blocksize 64 (bitsandbytes).",
+_method_command("nf4", "QLoRA NF4 with double quantization, blocksize 64 (bitsandbytes): loads the whole model, as "
+                "transformers does.",
                 "quantool nf4 ./model -o ./model-nf4")
 
 

@@ -8,7 +8,6 @@ weight that is finally quantized is exactly what training saw (the idea of QA-Lo
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -20,12 +19,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantool import workdir
+from quantool.atomic import torch_save, write_json
+from quantool.device import resolve_device
 from quantool.errors import QuantoolError
-from quantool.formats import packed
-from quantool.formats.packed import QuantizedWeight
+from quantool.formats import gptq
+from quantool.formats.checkpoint import checkpoint_tensors, write_configs
+from quantool.formats.shards import ShardedWriter
 from quantool.model import calibration
+from quantool.model.source import ModelSource
 from quantool.model.structure import decoder_layers
-from quantool.quant.quantizer import QuantSpec, fake_quantize, quantize_groups
+from quantool.quant.quantizer import QuantizedWeight, QuantSpec, fake_quantize, group_index, quantize_groups
 
 
 @dataclass
@@ -50,7 +53,7 @@ class QATConfig:
     fake_quant: bool = True  # False: the control run, plain fine-tuning then the same final quantization
 
     def spec(self) -> QuantSpec:
-        return packed.spec_for("gptq", self.bits, self.group_size, self.sym)  # the converted checkpoint's layout
+        return gptq.spec(self.bits, self.group_size, self.sym)  # the converted checkpoint's layout
 
     def validate(self) -> "QATConfig":
         self.spec().validate()
@@ -117,9 +120,7 @@ def attach(model: nn.Module, cfg: QATConfig) -> list[str]:
     for i, layer in enumerate(layers):
         for name, mod in list(layer.named_modules()):
             if isinstance(mod, nn.Linear):
-                parent_name, _, child = name.rpartition(".")
-                parent = layer.get_submodule(parent_name) if parent_name else layer
-                setattr(parent, child, FakeQuantLinear(mod, cfg.spec(), cfg.lora_rank, cfg.lora_alpha, cfg.act_bits, cfg.fake_quant))
+                layer.set_submodule(name, FakeQuantLinear(mod, cfg.spec(), cfg.lora_rank, cfg.lora_alpha, cfg.act_bits, cfg.fake_quant))
                 names.append(f"{prefix}.{i}.{name}")
     return names
 
@@ -132,14 +133,13 @@ def convert(model: nn.Module, names: list[str]) -> dict[str, QuantizedWeight]:
         fq = model.get_submodule(name)
         w = fq.merged().detach().float()
         q, scale, zero = quantize_groups(w, fq.spec)
-        qw = QuantizedWeight(q.cpu(), scale.cpu(), zero.cpu(), (torch.arange(w.shape[1]) // (w.shape[1] // scale.shape[0])).to(torch.int32),
+        qw = QuantizedWeight(q.cpu(), scale.cpu(), zero.cpu(), group_index(w.shape[1], fq.spec.group_size_for(w.shape[1])),
                              fq.bias.detach().cpu().half() if fq.bias is not None else None)
         lin = nn.Linear(w.shape[1], w.shape[0], bias=fq.bias is not None, device=w.device, dtype=fq.weight.dtype)
         lin.weight.data.copy_(qw.dequantize().to(lin.weight))
         if fq.bias is not None:
             lin.bias.data.copy_(fq.bias.detach())
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, lin)
+        model.set_submodule(name, lin)
         results[name] = qw
     return results
 
@@ -157,22 +157,19 @@ def train(model_path: str, out: str | Path, cfg: QATConfig, eval_fn: Callable | 
           resume: bool = False, on_step: Callable[[int, int, float, float], None] | None = None,
           log: Callable[[str], None] = print) -> dict:
     """Fine-tune with fake quantization, convert, write OUT (GPTQ v1 layout). Returns a summary."""
-    from quantool.ptq import load_source, resolve_device
-
     cfg.validate()
     if not Path(cfg.data).exists():
         raise QuantoolError(f"--data {cfg.data} does not exist: pass a .txt or .jsonl training text")
     out = Path(out)
     device = resolve_device(cfg.device)
-    model, tok = load_source(model_path, dtype=torch.float32)
+    source = ModelSource(model_path)
+    model, tok = source.load_whole(torch.float32), source.tokenizer()
     work = workdir.prepare(out, overwrite, resume)
     with workdir.discard_unless_started(work, "train_state.pt"):
         return _train(model, tok, model_path, out, work, cfg, device, eval_fn, resume, on_step, log)
 
 
 def _train(model, tok, model_path, out: Path, work: Path, cfg: QATConfig, device, eval_fn, resume, on_step, log) -> dict:
-    from quantool.ptq import PTQConfig, write_checkpoint
-
     model.to(device)
     before = eval_fn(model, tok) if eval_fn else None
     names = attach(model, cfg)
@@ -215,20 +212,37 @@ def _train(model, tok, model_path, out: Path, work: Path, cfg: QATConfig, device
             on_step(step, cfg.steps, losses[-1], step * cfg.batch * cfg.seq / (time.perf_counter() - t0))
         if step % cfg.save_every == 0 or step == cfg.steps:
             trainable = {k: v for k, v in model.state_dict().items() if k in {n for n, p in model.named_parameters() if p.requires_grad}}
-            torch.save({"config": asdict(cfg), "model": trainable, "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "gen": gen.get_state(), "step": step, "losses": losses}, work / "train_state.tmp")
-            (work / "train_state.tmp").replace(state_path)
+            torch_save({"config": asdict(cfg), "model": trainable, "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "gen": gen.get_state(), "step": step, "losses": losses}, state_path)
     model.eval()
     fake_quant_after = eval_fn(model, tok) if eval_fn else None
     results = convert(model, names)
     after = eval_fn(model, tok) if eval_fn else None
     ckpt = work / "checkpoint"
-    write_checkpoint(ckpt, model.to("cpu"), tok, results,
-                     PTQConfig(method="rtn", bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym), log)
+    _write(ckpt, model.to("cpu"), tok, results, cfg, log)
     summary = {"method": "qat", "config": asdict(cfg), "source": str(model_path), "steps": step,
                "loss_first": sum(losses[:10]) / len(losses[:10]), "loss_last": sum(losses[-10:]) / len(losses[-10:]),
                "ppl_before": before, "ppl_fake_quant": fake_quant_after, "ppl_after": after,
                "seconds": time.perf_counter() - t0}
-    (ckpt / "quantool.json").write_text(json.dumps({**summary, "config": {**asdict(cfg), "method": "qat"}}, indent=2))
+    write_json({**summary, "config": {**asdict(cfg), "method": "qat"}}, ckpt / "quantool.json")
     workdir.publish(work, out)
     return summary
+
+
+def _write(ckpt: Path, model: nn.Module, tok, results: dict[str, QuantizedWeight], cfg: QATConfig, log):
+    """The converted model as a GPTQ v1 checkpoint (a tied output head is stored once, as the embedding)."""
+    state = model.state_dict()
+    head = model.get_output_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and head is not None:
+        state.pop(next(n for n, m in model.named_modules() if m is head) + ".weight", None)
+    tensors, unpacked = checkpoint_tensors(state, results, "gptq", cfg.bits)
+    for prefix, reason in sorted(unpacked.items()):
+        log(f"{prefix}: the GPTQ layout cannot hold {reason}; stored as fp16 weights equal to their quantized values")
+    writer = ShardedWriter(ckpt)
+    writer.add(tensors)
+    writer.finish()
+    write_configs(ckpt, model.config.to_dict(), gptq.quantization_config(cfg.bits, cfg.group_size, cfg.spec().sym, False, 0.0,
+                                                                          False, sorted(unpacked)))
+    tok.save_pretrained(ckpt)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(ckpt)

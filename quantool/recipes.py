@@ -67,7 +67,7 @@ def label(cfg: PTQConfig) -> str:
     if cfg.method in ("int8", "nf4"):
         return cfg.method
     g = "pc" if cfg.group_size == -1 else f"g{cfg.group_size}"
-    return f"{cfg.method}-w{cfg.bits}{g}" + ("-actorder" if cfg.act_order else "")
+    return f"{cfg.method}-w{cfg.bits}{g}" + ("" if cfg.order == "natural" else f"-{cfg.order}order")
 
 
 def run_recipe(recipe: Recipe, model: str, workdir: Path, overwrite: bool = False, log: Callable[[str], None] = print,

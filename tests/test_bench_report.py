@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from quantool.bench import BenchConfig, read_results, run_bench, write_json
+from quantool.atomic import write_json
+from quantool.bench import BenchConfig, read_results, run_bench
 from quantool.cli import main
 from quantool.errors import QuantoolError
 from quantool.eval.perplexity import windows

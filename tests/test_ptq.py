@@ -1,19 +1,32 @@
-"""Quantization end to end: checkpoints written, reloaded bit for bit, resumable; quality on the real model."""
+"""Quantization end to end: streamed from safetensors and bit-identical to the in-memory path, reloaded bit for
+bit, resumable, sharded, bounded in memory; bad input; quality on the real model."""
 
+import errno
+import hashlib
 import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 import quantool
 from quantool.cli import main
+from quantool.errors import QuantoolError
 from quantool.eval.perplexity import perplexity
+from quantool.formats import LAYOUTS, checkpoint
+from quantool.formats.qlinear import QuantLinear
 from quantool.model.calibration import tokenize
-from quantool.ptq import PTQConfig, quantize_layers, quantize_model, write_checkpoint
-from quantool.qlinear import QuantLinear
+from quantool.ptq import PTQConfig, quantize_model
 
-from conftest import TINYSTORIES
+from conftest import TINYSTORIES, load_json, make_tiny_llama
+
+DATA = Path(__file__).parent / "data"
 
 
 def calib_file(tmp_path, text):
@@ -22,33 +35,74 @@ def calib_file(tmp_path, text):
     return str(path)
 
 
-@pytest.mark.parametrize("method,bits,extra", [("rtn", 4, {}), ("gptq", 4, {"act_order": True}), ("gptq", 3, {}),
-                                               ("gptq", 4, {"sym": False}), ("awq", 4, {}), ("awq", 3, {})])
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in checkpoint.weight_files(folder):
+        out.update(load_file(str(f)))
+    return out
+
+
+CONFIGS = [("rtn", 4, {}), ("gptq", 4, {"order": "act"}), ("gptq", 3, {}), ("gptq", 4, {"sym": False, "order": "group"}),
+           ("awq", 4, {}), ("awq", 3, {})]
+
+
+@pytest.mark.parametrize("method,bits,extra", CONFIGS)
+def test_streamed_checkpoint_equals_in_memory_path(tiny_llama, tmp_path, story_text, method, bits, extra):
+    """Quantizing from safetensors (one layer read at a time) and from a .bin checkpoint (loaded whole) gives the
+    same tensors, bit for bit, and the same config."""
+    whole = tmp_path / "bin-model"
+    shutil.copytree(tiny_llama, whole)
+    (whole / "model.safetensors").unlink()
+    torch.save(load_file(str(tiny_llama / "model.safetensors")), whole / "pytorch_model.bin")
+    cfg = dict(method=method, bits=bits, group_size=32, calib=calib_file(tmp_path, story_text), nsamples=4, seqlen=64, device="cpu", **extra)
+    notes = []
+    quantize_model(str(tiny_llama), tmp_path / "streamed", PTQConfig(**cfg), log=lambda m: None)
+    quantize_model(str(whole), tmp_path / "in-memory", PTQConfig(**cfg), log=notes.append)
+    assert any("loading the whole model" in n for n in notes)
+    a, b = tensors_of(tmp_path / "streamed"), tensors_of(tmp_path / "in-memory")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    qcfg = lambda p: json.loads((p / "config.json").read_text())["quantization_config"]  # noqa: E731
+    assert qcfg(tmp_path / "streamed") == qcfg(tmp_path / "in-memory")
+
+
+def test_rtn_matches_the_release_before_streaming(tmp_path):
+    """Every tensor equals what the in-memory pipeline of quantool 0.1.0 wrote (hashes in tests/data/rtn_golden.json)."""
+    golden = load_json(DATA / "rtn_golden.json")
+    model = make_tiny_llama(tmp_path / "m", **{k: golden["model"][k] for k in ("hidden", "intermediate", "layers")})
+    quantize_model(str(model), tmp_path / "q", PTQConfig(device="cpu", **golden["config"]), log=lambda m: None)
+    digest = {k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+              for k, v in tensors_of(tmp_path / "q").items()}
+    assert digest == golden["tensors"]
+
+
+@pytest.mark.parametrize("method,bits,extra", CONFIGS)
 def test_reload_is_bit_exact(tiny_llama, tmp_path, story_text, method, bits, extra):
-    cfg = PTQConfig(method=method, bits=bits, group_size=32, calib=calib_file(tmp_path, story_text), nsamples=4, seqlen=64, device="cpu", **extra)
-    model, tok, results, _ = quantize_layers(str(tiny_llama), tmp_path / "work", cfg, torch.device("cpu"))
-    write_checkpoint(tmp_path / "ckpt", model, tok, results, cfg, log=lambda m: None)
-    qcfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
-    assert qcfg["quant_method"] == cfg.format() and qcfg["bits"] == bits
-    loaded, _ = quantool.load(tmp_path / "ckpt")
-    n_quant = 0
-    for name, qw in results.items():
-        mod = loaded.get_submodule(name)
-        assert isinstance(mod, QuantLinear), name  # every tiny-model width packs
-        assert torch.equal(mod.q.int(), qw.q) and torch.equal(mod.scale, qw.scale) and torch.equal(mod.zero, qw.zero)
-        assert torch.equal(mod.dequantized().float(), qw.dequantize())
-        n_quant += 1
-    assert n_quant == 2 * 7
-    ids = torch.randint(0, 512, (1, 32))
-    with torch.no_grad():  # the rest of the model (AWQ's rescaled norms included) is stored in fp16
-        assert torch.allclose(loaded(ids).logits, model.float()(ids).logits, atol=2e-3)
+    cfg = PTQConfig(method=method, bits=bits, group_size=32, calib=calib_file(tmp_path, story_text), nsamples=4, seqlen=64,
+                    device="cpu", **extra)
+    out = tmp_path / "q"
+    quantize_model(str(tiny_llama), out, cfg, log=lambda m: None)
+    qcfg, quantized, _ = checkpoint.read(out)
+    assert qcfg["quant_method"] == cfg.format and qcfg["bits"] == bits
+    stored = tensors_of(out)
+    loaded, _ = quantool.load(out)
+    assert len(quantized) == 2 * 7  # every tiny-model width packs
+    for prefix, w in quantized.items():
+        repacked = LAYOUTS[cfg.format].pack(bits, prefix, w)
+        assert all(torch.equal(stored[k], v) for k, v in repacked.items())
+        mod = loaded.get_submodule(prefix)
+        assert isinstance(mod, QuantLinear)
+        assert torch.equal(mod.q.int(), w.q) and torch.equal(mod.scale, w.scale) and torch.equal(mod.zero, w.zero)
+        assert torch.equal(mod.dequantized().float(), w.dequantize())
+    fp, _ = quantool.load(tiny_llama)
+    ids = torch.randint(3, 512, (1, 24))
+    with torch.no_grad():
+        a, b = loaded(ids).logits.flatten(), fp(ids).logits.flatten()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.95  # a broken fold or layout gives far less
 
 
 def test_awq_checkpoint_layout(tiny_llama, tmp_path, story_text):
     out = tmp_path / "awq"
     quantize_model(str(tiny_llama), out, PTQConfig(method="awq", calib=calib_file(tmp_path, story_text), nsamples=4, seqlen=64, device="cpu"))
-    from safetensors.torch import load_file
-
     t = load_file(str(out / "model.safetensors"))
     q = t["model.layers.0.mlp.down_proj.qweight"]
     assert q.dtype == torch.int32 and q.shape == (128, 64 // 8)
@@ -60,8 +114,6 @@ def test_awq_checkpoint_layout(tiny_llama, tmp_path, story_text):
 def test_gptq_checkpoint_layout(tiny_llama, tmp_path, story_text):
     out = tmp_path / "gptq"
     quantize_model(str(tiny_llama), out, PTQConfig(method="gptq", group_size=32, calib=calib_file(tmp_path, story_text), nsamples=4, seqlen=64, device="cpu"))
-    from safetensors.torch import load_file
-
     t = load_file(str(out / "model.safetensors"))
     assert t["model.layers.1.self_attn.q_proj.qweight"].shape == (64 * 4 // 32, 64)
     assert t["model.layers.1.self_attn.q_proj.qzeros"].shape == (2, 64 * 4 // 32)
@@ -69,27 +121,89 @@ def test_gptq_checkpoint_layout(tiny_llama, tmp_path, story_text):
     assert json.loads((out / "quantize_config.json").read_text())["checkpoint_format"] == "gptq"
     config = json.loads((out / "config.json").read_text())
     assert config["use_cache"] is True  # calibration must not leave generate without its KV cache
+    assert config["dtype"] == config["torch_dtype"] == "float16"
     assert not (tmp_path / "gptq.partial").exists()
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])  # AWQ also rescales norms: those must survive a resume
-def test_resume_after_interrupt_gives_identical_checkpoint(tiny_llama, tmp_path, story_text, method):
+def test_partial_groups_are_real_groups(tmp_path, story_text):
+    """A width that is not a multiple of the group size keeps that group size with a partial last group (GPTQ
+    layout, g_idx), says so, and reloads bit for bit; AWQ's layout cannot hold it and says so."""
+    model = make_tiny_llama(tmp_path / "m", hidden=96, intermediate=160, layers=1)  # 96 = 64 + 32, 160 = 2 x 64 + 32
+    calib = calib_file(tmp_path, story_text)
+    notes = []
+    quantize_model(str(model), tmp_path / "g", PTQConfig(method="gptq", group_size=64, calib=calib, nsamples=4, seqlen=64, device="cpu"),
+                   log=notes.append)
+    qcfg, quantized, _ = checkpoint.read(tmp_path / "g")
+    q = quantized["model.layers.0.self_attn.q_proj"]
+    assert q.scale.shape == (2, 96) and q.g_idx.tolist() == [i // 64 for i in range(96)]
+    assert any("96 columns = 1 groups of 64 + a partial group of 32" in n and "vLLM" in n for n in notes)
+    loaded, _ = quantool.load(tmp_path / "g")
+    assert torch.equal(loaded.get_submodule("model.layers.0.self_attn.q_proj").dequantized().float(), q.dequantize())
+    assert loaded.get_submodule("model.layers.0.self_attn.q_proj").use_kernel("tinygemm") == "dequant"
+    notes.clear()
+    summary = quantize_model(str(model), tmp_path / "a", PTQConfig(method="awq", group_size=64, calib=calib, nsamples=4, seqlen=64,
+                                                                   device="cpu"), log=notes.append)
+    assert "model.layers.0.self_attn.q_proj" in summary["unpacked_linears"]
+    assert any("AWQ layout cannot hold input width 96 does not split into 2 equal contiguous groups" in n for n in notes)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "rtn"])  # AWQ also rescales norms: those must survive a resume
+def test_resume_after_interrupt_gives_identical_checkpoint(tmp_path, story_text, method):
+    model = make_tiny_llama(tmp_path / "m", layers=3)
     cfg = PTQConfig(method=method, group_size=32, calib=calib_file(tmp_path, story_text), nsamples=4, seqlen=64, device="cpu")
 
-    def crash(report, total):
-        raise KeyboardInterrupt
+    def crash_after(n):
+        def on_layer(report, total):
+            if report.index == n:
+                raise KeyboardInterrupt
+        return on_layer
 
     with pytest.raises(KeyboardInterrupt):
-        quantize_model(str(tiny_llama), tmp_path / "a", cfg, on_layer=crash)
+        quantize_model(str(model), tmp_path / "a", cfg, on_layer=crash_after(1))
     assert not (tmp_path / "a").exists()
-    assert json.loads((tmp_path / "a.partial" / "progress.json").read_text())["done"] == 0
-    with pytest.raises(quantool.errors.QuantoolError, match="--resume"):
-        quantize_model(str(tiny_llama), tmp_path / "a", cfg)
-    quantize_model(str(tiny_llama), tmp_path / "a", cfg, resume=True)
-    quantize_model(str(tiny_llama), tmp_path / "b", cfg)
-    a = (tmp_path / "a" / "model.safetensors").read_bytes()
-    assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "a.partial" / "progress.json").read_text())["done"] == 1
+    with pytest.raises(QuantoolError, match="--resume"):
+        quantize_model(str(model), tmp_path / "a", cfg)
+    quantize_model(str(model), tmp_path / "a", cfg, resume=True)
+    quantize_model(str(model), tmp_path / "b", cfg)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert not (tmp_path / "a.partial").exists()
+
+
+def test_sharded_output_with_index(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setattr("quantool.ptq.pipeline.SHARD_BYTES", 60_000)
+    out = tmp_path / "q"
+    quantize_model(str(tiny_llama), out, PTQConfig(method="rtn", group_size=32, device="cpu"), log=lambda m: None)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and shards[0].endswith(f"-of-{len(shards):05d}.safetensors")
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in tensors_of(out).values())
+    assert not list(out.glob("shard-*"))
+    loaded, _ = quantool.load(out)
+    assert isinstance(loaded.get_submodule("model.layers.1.mlp.down_proj"), QuantLinear)
+
+
+def test_peak_memory_does_not_grow_with_depth(tmp_path):
+    """Streaming holds about one layer: a model 4x deeper (and ~3x larger) quantizes at about the same peak RSS."""
+    # VmHWM, the peak resident set of this process image (ru_maxrss would inherit the parent's across fork + exec)
+    script = textwrap.dedent("""
+        import sys
+        from quantool.ptq import PTQConfig, quantize_model
+        quantize_model(sys.argv[1], sys.argv[2], PTQConfig(method=sys.argv[3], group_size=128, nsamples=2, seqlen=64,
+                       device="cpu"), log=lambda m: None)
+        print(next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")))
+    """)
+    peaks = {}
+    for layers in (2, 8):
+        model = make_tiny_llama(tmp_path / f"m{layers}", hidden=1024, intermediate=2816, layers=layers, kv_heads=4, heads=8)
+        for method in ("rtn", "gptq"):
+            run = subprocess.run([sys.executable, "-c", script, str(model), str(tmp_path / f"q{layers}{method}"), method],
+                                 capture_output=True, text=True, check=True)
+            peaks[layers, method] = int(run.stdout.split()[-1])
+    layer_bytes = 4 * (4 * 1024 * 1024 + 3 * 1024 * 2816)  # one decoder layer in fp32
+    for method in ("rtn", "gptq"):
+        assert peaks[8, method] < peaks[2, method] + layer_bytes, peaks  # 6 more layers would add 6 x layer_bytes
 
 
 @pytest.mark.parametrize("method", ["int8", "nf4"])
@@ -112,10 +226,13 @@ def test_bitsandbytes_roundtrip(tiny_llama, tmp_path, method):
     (["rtn", "{model}", "-o", "{tmp}/x", "--bits", "5"], "--bits 5 is not supported"),
     (["awq", "{model}", "-o", "{tmp}/x", "--bits", "8"], "--bits 8 is not supported"),
     (["rtn", "{model}", "-o", "{tmp}/x", "--group-size", "48"], "power of two"),
+    (["gptq", "{model}", "-o", "{tmp}/x", "--damp", "-1"], "--damp -1 is outside (0, 1)"),
+    (["gptq", "{model}", "-o", "{tmp}/x", "--damp", "1"], "--damp 1 is outside (0, 1)"),
     (["gptq", "{tmp}/nomodel", "-o", "{tmp}/x"], "not found"),
     (["gptq", "{tmp}", "-o", "{tmp}/x"], "has no config.json"),
     (["gptq", "{model}", "-o", "{tmp}/x", "--seqlen", "4096", "--calib", "{tmp}/short.txt"], "fewer than one window"),
     (["gptq", "{model}", "-o", "{tmp}/full"], "exists and is not empty"),
+    (["gptq", "{model}", "-o", "{tmp}/x", "--static-groups"], "--static-groups only matters with --order act"),
 ])
 def test_quantize_bad_input(tiny_llama, tmp_path, args, needle):
     (tmp_path / "short.txt").write_text("Once upon a time.")
@@ -125,7 +242,69 @@ def test_quantize_bad_input(tiny_llama, tmp_path, args, needle):
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 2, result.output
     assert needle in result.output and "Traceback" not in result.output
-    assert not (tmp_path / "x.partial").exists()
+    assert not (tmp_path / "x.partial").exists() and not (tmp_path / "x").exists()
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_shard_and_mismatched_shapes(tiny_llama, tmp_path):
+    """A shard named in the index that is absent, and a shard whose shapes disagree with config.json: one line, exit 2."""
+    sharded = tmp_path / "sharded"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(sharded, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(sharded)
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    result = CliRunner().invoke(main, ["rtn", str(sharded), "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "missing from" in result.output and shards[-1].name in result.output
+
+    bad = _copy_model(tiny_llama, tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (bad / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["rtn", str(bad), "-o", str(tmp_path / "y")])
+    assert result.exit_code == 2, result.output
+    assert "has shape" in result.output and "config.json implies" in result.output
+    assert not (tmp_path / "y").exists() and not (tmp_path / "y.partial").exists()
+
+
+def test_disk_full_keeps_finished_layers_for_resume(tiny_llama, tmp_path, monkeypatch, story_text):
+    from quantool.formats import shards
+
+    calls = {"n": 0}
+    original = shards.ShardedWriter.add
+
+    def add(self, tensors):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second layer's tensors
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, tensors)
+
+    monkeypatch.setattr(shards.ShardedWriter, "add", add)
+    result = CliRunner().invoke(main, ["rtn", str(tiny_llama), "-o", str(tmp_path / "x"), "--group-size", "32"])
+    assert result.exit_code == 2 and "disk filled up" in result.output and "--resume" in result.output
+    assert not (tmp_path / "x").exists() and (tmp_path / "x.partial" / "progress.json").exists()
+    monkeypatch.setattr(shards.ShardedWriter, "add", original)
+    result = CliRunner().invoke(main, ["rtn", str(tiny_llama), "-o", str(tmp_path / "x"), "--group-size", "32", "--resume"])
+    assert result.exit_code == 0, result.output
+    quantize_model(str(tiny_llama), tmp_path / "ref", PTQConfig(method="rtn", group_size=32, device="cpu"), log=lambda m: None)
+    assert (tmp_path / "x" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+
+
+def test_short_calibration_text_uses_the_windows_that_fit(tiny_llama, tmp_path, story_text):
+    calib = tmp_path / "c.txt"
+    calib.write_text(story_text[:3000])
+    result = CliRunner().invoke(main, ["gptq", str(tiny_llama), "-o", str(tmp_path / "x"), "--calib", str(calib),
+                                       "--nsamples", "64", "--seqlen", "256", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "warning: the calibration text has" in result.output and "not 64: using" in result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert 1 <= summary["calibration_windows"] < 64
 
 
 def test_quality_on_real_model(shared_model, tmp_path):
@@ -139,7 +318,7 @@ def test_quality_on_real_model(shared_model, tmp_path):
         else:
             out = tmp_path / method
             quantize_model(str(shared_model), out, PTQConfig(method=method, calib=calib, nsamples=64, seqlen=512, device="cpu",
-                                                              act_order=method == "gptq"))
+                                                              order="act" if method == "gptq" else "natural"))
             model, tok = quantool.load(out)
         ids = tokenize(tok, text)
         ppl[method] = perplexity(model, ids[ids.numel() // 2:], 512, max_tokens=60000)["ppl"]

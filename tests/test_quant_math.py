@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from quantool.qlinear import QuantLinear
+from quantool.formats.bits import pack_awq, pack_cols, pack_rows, unpack_awq, unpack_cols, unpack_rows
+from quantool.formats.qlinear import QuantLinear
 from quantool.quant.awq_clip import apply_clip, search_clip
-from quantool.quant.awq_scale import activation_scale, rtn, search_scale
-from quantool.quant.gptq import Hessian, gptq_quantize
-from quantool.quant.packing import pack_awq, pack_cols, pack_rows, unpack_awq, unpack_cols, unpack_rows
-from quantool.quant.quantizer import QuantSpec, dequantize_groups, fake_quantize, quantize_groups
+from quantool.quant.awq_scale import activation_scale, search_scale
+from quantool.quant.gptq import CholeskyError, Hessian, gptq_quantize
+from quantool.quant.quantizer import QuantSpec, dequantize_groups, fake_quantize, group_index, qparams, quantize_groups
+from quantool.quant.quantizer import round_trip as rtn
 
 
 def correlated_inputs(n=2048, d=64, seed=0):
@@ -28,7 +29,7 @@ def test_rtn_error_bounded_by_the_step(bits, sym):
     assert q.min() >= 0 and q.max() <= spec.maxq
     if sym:
         assert torch.all(zero == 2 ** (bits - 1))
-    err = (dequantize_groups(q, scale, zero) - w).abs()
+    err = (dequantize_groups(q, scale, zero, group_index(128, 32)) - w).abs()
     step = scale.float().repeat_interleave(32, dim=0).t()
     # rounding inside the grid costs at most half a step; the grid's ends (sym: the top code, asym: the
     # rounded zero point) can clamp an extreme value by up to one step
@@ -36,40 +37,68 @@ def test_rtn_error_bounded_by_the_step(bits, sym):
     assert (err / step).mean() < 0.3
 
 
-def reference_gptq(W, H, spec, percdamp=0.01):
-    """Straightforward float64 OBQ-style GPTQ: explicit inverse-Hessian downdates, one column at a time."""
+def reference_gptq(W, H, spec, percdamp=0.01, order=None):
+    """Straightforward float64 OBQ-style GPTQ: explicit inverse-Hessian downdates, one column at a time, in the
+    given column order; each group's parameters come from its columns when its first one comes up."""
     W, H = W.double().clone(), H.double().clone()
     cols = W.shape[1]
+    order = list(range(cols)) if order is None else order
     H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=torch.float64)
+    W, H = W[:, order], H[order][:, order]
     Hinv = torch.linalg.inv(H)
-    g = spec.groups_for(cols)
+    g = spec.group_size_for(cols)
+    group = [c // g for c in order]
     Q = torch.zeros_like(W)
     for j in range(cols):
-        if j % g == 0:
-            from quantool.quant.quantizer import qparams
-
-            scale, zero = qparams(W[:, j:j + g].float(), spec)
+        if j == 0 or group[j] != group[j - 1]:
+            members = [k for k in range(cols) if group[k] == group[j]]
+            scale, zero = qparams(W[:, members].float(), spec)
             scale, zero = scale.half().double(), zero.double()
         q = torch.clamp(torch.round(W[:, j] / scale) + zero, 0, spec.maxq)
         Q[:, j] = q
         err = (W[:, j] - scale * (q - zero)) / Hinv[j, j]
         W[:, j:] -= err[:, None] * Hinv[j, j:][None, :]
         Hinv = Hinv - Hinv[:, j:j + 1] @ Hinv[j:j + 1, :] / Hinv[j, j]
-    return Q
+    out = torch.zeros_like(Q)
+    out[:, order] = Q
+    return out
 
 
-@pytest.mark.parametrize("group", [-1, 16])
-def test_gptq_matches_float64_reference(group):
+def group_aware_order(diag, g):
+    """GAR in plain Python: groups by their largest diagonal, columns by diagonal within each group."""
+    groups = [list(range(i, min(i + g, len(diag)))) for i in range(0, len(diag), g)]
+    groups.sort(key=lambda cols: -max(diag[c] for c in cols))
+    return [c for cols in groups for c in sorted(cols, key=lambda c: -diag[c])]
+
+
+@pytest.mark.parametrize("group,cols", [(-1, 64), (16, 64), (16, 56)], ids=["per-channel", "g16", "g16-partial"])
+@pytest.mark.parametrize("order", ["natural", "group"])
+def test_gptq_matches_float64_reference(group, cols, order):
     torch.manual_seed(0)
-    x = correlated_inputs(512, 64)
-    W = torch.randn(24, 64)
-    H = Hessian(64)
+    x = correlated_inputs(512, cols)
+    W = torch.randn(24, cols)
+    H = Hessian(cols)
     H.add(x)
     spec = QuantSpec(4, group, True)
-    ours = gptq_quantize(W, H.H, spec, blocksize=32)
-    ref = reference_gptq(W, H.H, spec)
+    ours = gptq_quantize(W, H.H, spec, blocksize=32, order=order)
+    ref_order = group_aware_order(torch.diag(H.H).tolist(), spec.group_size_for(cols)) if order == "group" else None
+    ref = reference_gptq(W, H.H, spec, order=ref_order)
     agree = (ours.q == ref.to(torch.int32)).float().mean()
     assert agree > 0.98, agree
+    assert torch.equal(ours.g_idx, group_index(cols, spec.group_size_for(cols)))  # both keep groups contiguous
+    assert ours.scale.shape[0] == -(-cols // spec.group_size_for(cols))
+
+
+def test_quantize_groups_partial_last_group():
+    """56 columns in groups of 16: three full groups and one of 8, each quantized over its own columns."""
+    torch.manual_seed(1)
+    w = torch.randn(8, 56)
+    spec = QuantSpec(4, 16, False)
+    q, scale, zero = quantize_groups(w, spec)
+    assert scale.shape == (4, 8)
+    last_q, last_s, last_z = quantize_groups(w[:, 48:], QuantSpec(4, -1, False))
+    assert torch.equal(q[:, 48:], last_q) and torch.equal(scale[3], last_s[0]) and torch.equal(zero[3], last_z[0])
+    assert torch.equal(rtn(w, spec), dequantize_groups(q, scale, zero, group_index(56, 16)))
 
 
 def test_gptq_beats_rtn_on_correlated_inputs():
@@ -82,7 +111,7 @@ def test_gptq_beats_rtn_on_correlated_inputs():
     res = gptq_quantize(W, H.H, spec)
     q, s, z = quantize_groups(W, spec)
     err = lambda Wq: ((x @ (W - Wq).t()) ** 2).mean()  # noqa: E731
-    assert err(res.weight) < 0.7 * err(dequantize_groups(q, s, z))
+    assert err(res.weight) < 0.7 * err(dequantize_groups(q, s, z, group_index(64, 32)))
 
 
 def test_gptq_act_order_keeps_groups_consistent():
@@ -92,7 +121,7 @@ def test_gptq_act_order_keeps_groups_consistent():
     H = Hessian(64)
     H.add(x)
     for static in (False, True):
-        res = gptq_quantize(W, H.H, QuantSpec(4, 16, True), act_order=True, static_groups=static)
+        res = gptq_quantize(W, H.H, QuantSpec(4, 16, True), order="act", static_groups=static)
         assert torch.equal(dequantize_groups(res.q, res.scale, res.zero, res.g_idx), res.weight)
         assert torch.all(torch.bincount(res.g_idx.long()) == 16)
 
@@ -102,6 +131,8 @@ def test_gptq_raises_damping_when_cholesky_fails():
     H = torch.ones(16, 16) * 1e3 - 1e-3 * torch.eye(16)  # indefinite: Cholesky fails without more damping
     res = gptq_quantize(W, H, QuantSpec(4, -1, True), percdamp=1e-8)
     assert res.damp > 1e-8
+    with pytest.raises(CholeskyError, match="not positive definite"):  # never positive definite: ends, with a reason
+        gptq_quantize(W, -torch.eye(16), QuantSpec(4, -1, True), percdamp=0.01)
 
 
 def test_awq_scale_beats_identity():
@@ -121,15 +152,18 @@ def test_awq_clip_never_hurts():
     W = torch.randn(32, 64)
     W[0, 0] = 12  # an outlier weight that widens its group's range
     spec = QuantSpec(3, 32, False)
-    clipped = apply_clip(W, search_clip(W, x, spec))
+    clipped = apply_clip(W, search_clip(W, x, spec), spec)
     err = lambda w: ((x @ (rtn(w, spec) - W).t()) ** 2).mean()  # noqa: E731
     assert err(clipped) <= err(W)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_gptq_packing_roundtrip(bits):
-    codes = torch.randint(0, 2**bits, (64, 40), dtype=torch.int32)
-    assert torch.equal(unpack_rows(pack_rows(codes, bits), bits), codes)
+@pytest.mark.parametrize("bits,n", [(2, 48), (3, 64), (4, 40), (4, 48), (8, 44)])
+def test_gptq_packing_roundtrip(bits, n):
+    """Widths that fill whole words: multiples of 32 codes at 3 bits, of 32 / bits codes otherwise."""
+    codes = torch.randint(0, 2**bits, (n, 40), dtype=torch.int32)
+    words = pack_rows(codes, bits)
+    assert words.shape == (n * bits // 32, 40)
+    assert torch.equal(unpack_rows(words, bits), codes)
     assert torch.equal(unpack_cols(pack_cols(codes.t().contiguous(), bits), bits), codes.t())
 
 
@@ -165,4 +199,4 @@ def test_fake_quantize_straight_through():
     y.sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))
     q, s, z = quantize_groups(w.detach(), QuantSpec(4, 32, True))
-    assert torch.allclose(y, dequantize_groups(q, s, z))
+    assert torch.allclose(y, dequantize_groups(q, s, z, group_index(32, 32)))

@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from quantool.errors import QuantoolError
-from quantool.model.calibration import read_text, tokenize
+from quantool.model.calibration import fit_context, read_text, tokenize
 
 
 def windows(n_tokens: int, ctx: int, stride: int | None) -> list[tuple[int, int, int]]:
@@ -64,7 +64,7 @@ def evaluator(text: str, text_range: tuple[float, float] = (0.0, 1.0), ctx: int 
         if "ids" not in cache:
             ids = tokenize(tok, read_text(text))
             cache["ids"] = ids[int(text_range[0] * ids.numel()):int(text_range[1] * ids.numel())]
-        window = min(ctx, getattr(model.config, "max_position_embeddings", ctx) or ctx)
+        window = fit_context(ctx, model.config)
         return perplexity(model, cache["ids"].to(next(model.parameters()).device), window, max_tokens=max_tokens)["ppl"]
 
     return evaluate

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -42,11 +43,24 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.cat([torch.tensor([bos]), ids]) if bos is not None else ids
 
 
-def windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """nsamples random windows of seqlen tokens [nsamples, seqlen] (GPTQ's `get_loaders` sampling)."""
-    if ids.numel() < seqlen + 1:
+def fit_context(length: int, config) -> int:
+    """A window length capped at the model's maximum positions."""
+    return min(length, getattr(config, "max_position_embeddings", None) or length)
+
+
+def windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0, log: Callable[[str], None] = print) -> torch.Tensor:
+    """nsamples disjoint windows of seqlen tokens [nsamples, seqlen]: the text cut into consecutive windows, of
+    which a seeded random choice is kept, so no token is used twice. A text too short for nsamples windows
+    gives the ones that fit, with a warning."""
+    available = ids.numel() // seqlen
+    if available == 0:
         raise QuantoolError(f"calibration text has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}: "
                             f"give a longer --calib text or a smaller --seqlen")
+    if available < nsamples:
+        log(f"warning: the calibration text has {ids.numel()} tokens, enough for {available} windows of {seqlen} without "
+            f"repeating tokens, not {nsamples}: using {available} (give a longer --calib, or --nsamples {available} to "
+            f"silence this)")
+        nsamples = available
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
-    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+    chosen = torch.randperm(available, generator=gen)[:nsamples].sort().values
+    return ids[: available * seqlen].reshape(available, seqlen)[chosen]

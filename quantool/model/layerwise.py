@@ -1,5 +1,5 @@
 """Layer-by-layer execution: capture the first decoder layer's inputs, then run one layer at a time on the
-compute device while the rest of the model stays on CPU (GPTQ reference `llama_sequential`)."""
+compute device (GPTQ reference `llama_sequential`); gather a few modules' inputs without finishing the layer."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ class _Stop(Exception):
 @torch.no_grad()
 def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
     """Hidden states entering layer 0 for every sample [n, seq, hidden], and the layer's keyword arguments
-    (position embeddings, masks) which are the same for every equal-length sample."""
+    (position embeddings, masks) which are the same for every equal-length sample. The modules before the
+    first layer must already be on `device`; nothing after it runs."""
     captured = {}
 
     def hook(module, args, kwargs):
@@ -24,10 +25,8 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch.Tenso
         captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         raise _Stop
 
-    first = layers[0]
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     xs = []
-    moved = _move_outside_layers(model, layers, device)
     try:
         for sample in samples:
             try:
@@ -37,23 +36,8 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch.Tenso
             xs.append(captured["x"].to("cpu"))
     finally:
         handle.remove()
-        _move_outside_layers(model, layers, "cpu", moved)
     kwargs = {k: v for k, v in captured["kwargs"].items() if k not in ("past_key_values", "past_key_value", "use_cache")}
-    return torch.cat(xs), kwargs
-
-
-def _move_outside_layers(model, layers, device, only=None):
-    """Move every parameter outside the decoder layers (embeddings, rotary buffers) to device."""
-    inside = {id(p) for p in layers.parameters()} | {id(b) for b in layers.buffers()}
-    moved = []
-    for mod in model.modules():
-        if only is not None and mod not in only:
-            continue
-        direct = list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))
-        if direct and not any(id(t) in inside for t in direct):
-            mod.to(device)
-            moved.append(mod)
-    return moved
+    return torch.cat(xs), to_device(kwargs, "cpu")
 
 
 def to_device(obj, device):
@@ -75,6 +59,35 @@ def run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict, device, chunk: in
         y = layer(x[i:i + chunk].to(device), **kw)
         outs.append((y[0] if isinstance(y, tuple) else y).to("cpu"))
     return torch.cat(outs)
+
+
+@torch.no_grad()
+def collect_inputs(layer: nn.Module, x: torch.Tensor, kwargs: dict, device, modules: dict[str, nn.Module], on_input,
+                   chunk: int = 16):
+    """Call on_input(name, input) for each module's input, for all samples, running the layer only until the
+    last of `modules` has been called (the rest of the layer's forward is skipped)."""
+    kw = to_device(kwargs, device)
+    seen = set()
+
+    def hook(name):
+        def fn(mod, args):
+            on_input(name, args[0])
+            seen.add(name)
+            if len(seen) == len(modules):
+                raise _Stop
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        for i in range(0, x.shape[0], chunk):
+            seen.clear()
+            try:
+                layer(x[i:i + chunk].to(device), **kw)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextmanager

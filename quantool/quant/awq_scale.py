@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from quantool.quant.quantizer import QuantSpec, dequantize_groups, quantize_groups
+from quantool.quant.quantizer import QuantSpec, pad_to_groups, round_trip
 
 
 def activation_scale(x: torch.Tensor) -> torch.Tensor:
@@ -19,15 +19,11 @@ def activation_scale(x: torch.Tensor) -> torch.Tensor:
 def weight_scale(weights: Sequence[torch.Tensor], spec: QuantSpec) -> torch.Tensor:
     """Mean over output rows of |w| normalized by its group's max (llm-awq `get_weight_scale`)."""
     w = torch.cat([wi.float() for wi in weights], dim=0)
-    g = spec.groups_for(w.shape[1])
-    wg = w.abs().reshape(-1, g)
+    g = spec.group_size_for(w.shape[1])
+    wp = pad_to_groups(w.abs(), g)
+    wg = wp.reshape(-1, g)
     wg = wg / wg.amax(dim=1, keepdim=True).clamp(min=1e-8)
-    return wg.reshape(w.shape).mean(dim=0)
-
-
-def rtn(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Quantize-dequantize (round to nearest) in float32."""
-    return dequantize_groups(*quantize_groups(w.float(), spec))
+    return wg.reshape(wp.shape)[:, : w.shape[1]].mean(dim=0)
 
 
 def search_scale(x_mean: torch.Tensor, weights: Sequence[torch.Tensor], run: Callable[[list[torch.Tensor]], torch.Tensor],
@@ -46,7 +42,7 @@ def search_scale(x_mean: torch.Tensor, weights: Sequence[torch.Tensor], run: Cal
         s = x_mean.pow(alpha) / w_mean.pow(1 - alpha) if duo else x_mean.pow(alpha)
         s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        ws = [rtn(w.float() * s, spec) / s for w in weights]
+        ws = [round_trip(w.float() * s, spec) / s for w in weights]
         loss = float((run(ws).float() - reference.float()).pow(2).mean())
         losses.append(loss)
         if loss < best[0]:

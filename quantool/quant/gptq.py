@@ -1,6 +1,9 @@
 """GPTQ (Frantar et al. 2022, arXiv:2210.17323), following IST-DASLab's reference `gptq.py`:
-Cholesky form of the inverse Hessian (Sec. 3, Step 3), lazy batch updates in blocks of 128 (Step 2),
-optional act-order (columns by decreasing Hessian diagonal) with or without static groups.
+Cholesky form of the inverse Hessian (Sec. 3, Step 3), lazy batch updates in blocks (Step 2), and three
+column orders: natural; act-order (columns by decreasing Hessian diagonal, the reference's `--act-order`,
+with or without static groups); and group-aware (Gafni et al. 2025, "Dual Precision Quantization",
+arXiv:2505.14638): groups by decreasing largest diagonal, columns by decreasing diagonal within each
+group, so every group stays a contiguous run of input columns and g_idx stays sequential.
 """
 
 from __future__ import annotations
@@ -10,7 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from quantool.quant.quantizer import QuantSpec, qparams, quantize
+from quantool.quant.quantizer import QuantSpec, group_index, qparams, quantize
+
+ORDERS = ("natural", "act", "group")
+
+
+class CholeskyError(ValueError):
+    """The damped Hessian stayed indefinite up to the largest damping tried."""
 
 
 class Hessian:
@@ -37,11 +46,10 @@ class GPTQResult:
     g_idx: torch.Tensor  # int32 [in]: group of each input column
     weight: torch.Tensor  # dequantized float32 [out, in]
     damp: float  # damping fraction finally used
-    loss: float  # sum of the GPTQ objective terms (w - q)^2 / d^2 / 2
 
 
-def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of H^-1, raising damping x10 until the factorization succeeds."""
+def _inverse_cholesky(H: torch.Tensor, percdamp: float, max_damp: float = 10.0) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of H^-1, raising damping x10 (up to max_damp x the mean diagonal) until it succeeds."""
     mean_diag = torch.mean(torch.diag(H))
     damp = percdamp
     while True:  # temporaries are dropped as soon as used: at most three [in, in] matrices live at once
@@ -56,18 +64,36 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, f
             del Hinv
             if info == 0:
                 return U, damp
-        if damp >= 10:
-            raise RuntimeError("GPTQ: Hessian is not positive definite even with damping 10x its mean diagonal")
+        if damp * 10 > max_damp:
+            raise CholeskyError(f"the Hessian is not positive definite even with damping {damp:g} x its mean diagonal "
+                                f"(started at {percdamp:g}); the calibration inputs of this layer are degenerate")
         damp *= 10
 
 
+def _permutation(diag: torch.Tensor, order: str, g: int) -> torch.Tensor:
+    cols = diag.numel()
+    if order == "act":
+        return torch.argsort(diag, descending=True)
+    if order == "group":
+        groups = group_index(cols, g).to(diag.device).long()
+        n = int(groups[-1]) + 1
+        best = torch.full((n,), -torch.inf, device=diag.device).scatter_reduce(0, groups, diag, "amax")
+        # sort by (rank of the group's largest diagonal, then the column's own diagonal, both descending)
+        rank = torch.empty(n, dtype=torch.long, device=diag.device)
+        rank[torch.argsort(best, descending=True, stable=True)] = torch.arange(n, device=diag.device)
+        within = torch.argsort(diag, descending=True, stable=True)
+        return within[torch.argsort(rank[groups[within]], stable=True)]
+    return torch.arange(cols, device=diag.device)
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
-                  act_order: bool = False, static_groups: bool = False, scale_dtype=torch.float16) -> GPTQResult:
+                  order: str = "natural", static_groups: bool = False, scale_dtype=torch.float16) -> GPTQResult:
     """Quantize W [out, in] minimizing ||W X - Q X||^2 where H = 2 X X^T / n."""
     W = W.detach().float().clone()
     H = H.detach().float().clone()
     rows, cols = W.shape
-    g = spec.groups_for(cols)
+    g = spec.group_size_for(cols)
+    n_groups = spec.groups_for(cols)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -77,45 +103,56 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
         return scale.to(scale_dtype).float(), zero
 
     static = [params(W[:, i:i + g]) for i in range(0, cols, g)] if static_groups else None
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
+    perm = _permutation(torch.diag(H), order, g)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv, damp = _inverse_cholesky(H, percdamp)
     del H
-    blocksize = max(blocksize, g)
+
+    # the group of each column in the order of quantization: act-order without static groups cuts new groups
+    # along that order; otherwise each column keeps its original group
+    perm_cpu = perm.cpu()
+    group_of = (torch.arange(cols) // g) if order == "act" and not static_groups else perm_cpu // g
+    group_of = group_of.tolist()
+    starts = [c for c in range(cols) if c == 0 or group_of[c] != group_of[c - 1]]
+    # lazy-batch blocks of about `blocksize` columns made of whole groups, so each group's parameters come from
+    # its updated columns (per channel: one block, the whole row's parameters taken at its first column)
+    bounds, begin = [], 0
+    for end in starts[1:] + [cols]:
+        if end - begin >= blocksize or end == cols:
+            bounds.append((begin, end))
+            begin = end
+    group_len = {s: e - s for s, e in zip(starts, starts[1:] + [cols])}
 
     Q = torch.zeros_like(W)
-    scales = torch.zeros(cols // g, rows, device=W.device)
-    zeros = torch.zeros(cols // g, rows, device=W.device)
-    g_idx = torch.zeros(cols, dtype=torch.int32, device=W.device)
-    loss = 0.0
+    scales = torch.zeros(n_groups, rows, device=W.device)
+    zeros = torch.zeros(n_groups, rows, device=W.device)
     scale = zero = None
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
+    for i1, i2 in bounds:
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            orig = int(perm[col])
-            group = orig // g if static_groups else col // g
+            group = group_of[col]
             if static_groups:
                 scale, zero = static[group]
-            elif col % g == 0:
-                scale, zero = params(W1[:, i:i + g])
-            scales[group], zeros[group] = scale, zero
-            g_idx[orig] = group
+            elif col in group_len:
+                scale, zero = params(W1[:, i:i + group_len[col]])
+            if col in group_len:
+                scales[group], zeros[group] = scale, zero
             w, d = W1[:, i], Hinv1[i, i]
             q = quantize(w, scale, zero, spec.maxq)
             Q[:, col] = q
-            wq = scale * (q - zero)
-            loss += float(((w - wq) ** 2).sum() / d**2 / 2)
-            err = (w - wq) / d
+            err = (w - scale * (q - zero)) / d
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     inv = torch.argsort(perm)
     q = Q[:, inv].to(torch.int32)
+    g_idx = torch.empty(cols, dtype=torch.int32)
+    g_idx[perm_cpu] = torch.tensor(group_of, dtype=torch.int32)
+    g_idx = g_idx.to(W.device)
     zero_i = zeros.to(torch.int32)
     weight = scales[g_idx.long()].t() * (q.float() - zero_i[g_idx.long()].t().float())
-    return GPTQResult(q, scales.to(scale_dtype), zero_i, g_idx, weight, damp, loss)
+    return GPTQResult(q, scales.to(scale_dtype), zero_i, g_idx, weight, damp)

@@ -1,7 +1,8 @@
 """Group-wise affine integer quantization of a weight matrix [out, in], shared by RTN, GPTQ, AWQ and QAT.
 
 Conventions follow GPTQ's reference `quant.py` (and the GPTQ v1 checkpoint format): q in [0, 2^bits - 1],
-w ~= scale * (q - zero); symmetric uses zero = 2^(bits-1); groups run along the input dimension.
+w ~= scale * (q - zero); symmetric uses zero = 2^(bits-1); groups run along the input dimension, and a
+width that is not a multiple of the group size ends in a partial group (g_idx maps columns to groups).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 from quantool.errors import QuantoolError
 
@@ -26,10 +28,14 @@ class QuantSpec:
     def maxq(self) -> int:
         return 2**self.bits - 1
 
-    def groups_for(self, in_features: int) -> int:
-        """Effective group size for a layer: per channel when the group does not fit or divide the width."""
+    def group_size_for(self, in_features: int) -> int:
+        """Columns per group in a layer of this width: the whole row for per channel or a group wider than the row."""
         g = self.group_size
-        return in_features if g == -1 or g >= in_features or in_features % g else g
+        return in_features if g == -1 or g >= in_features else g
+
+    def groups_for(self, in_features: int) -> int:
+        """Number of groups, the last one partial where the width is not a multiple of the group size."""
+        return -(-in_features // self.group_size_for(in_features))
 
     def validate(self, allowed_bits=SUPPORTED_BITS) -> "QuantSpec":
         if self.bits not in allowed_bits:
@@ -37,6 +43,25 @@ class QuantSpec:
         if self.group_size != -1 and (self.group_size < 1 or self.group_size & (self.group_size - 1)):
             raise QuantoolError(f"--group-size {self.group_size} must be a power of two such as 32, 64, 128, or -1 (per channel)")
         return self
+
+
+def group_index(in_features: int, group_size: int) -> torch.Tensor:
+    """g_idx: the group of each input column, for contiguous groups of group_size columns."""
+    return (torch.arange(in_features) // group_size).to(torch.int32)
+
+
+@dataclass
+class QuantizedWeight:
+    """One quantized linear: codes [out, in], per-group scale/zero [groups, out], g_idx [in], and its bias."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    g_idx: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_groups(self.q, self.scale, self.zero, self.g_idx)
 
 
 def qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,35 +87,45 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return scale * (q - zero)
 
 
+def pad_to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Zero columns up to a whole number of groups: they never widen a group's range, which always holds 0."""
+    pad = -w.shape[-1] % group_size
+    return F.pad(w, (0, pad)) if pad else w
+
+
 def quantize_groups(w: torch.Tensor, spec: QuantSpec, scale_dtype=torch.float16):
     """RTN over groups. Returns (q [out, in] int, scale [groups, out], zero [groups, out] int).
 
     Scales are rounded to scale_dtype first, so the stored checkpoint dequantizes to exactly these values.
     """
     out_f, in_f = w.shape
-    g = spec.groups_for(in_f)
-    wg = w.float().reshape(out_f, in_f // g, g).permute(1, 0, 2).reshape(-1, g)
+    g = spec.group_size_for(in_f)
+    wp = pad_to_groups(w.float(), g)
+    n = wp.shape[1] // g
+    wg = wp.reshape(out_f, n, g).permute(1, 0, 2).reshape(-1, g)
     scale, zero = qparams(wg, spec)
     scale = scale.to(scale_dtype).float()
     q = quantize(wg, scale[:, None], zero[:, None], spec.maxq)
-    q = q.reshape(in_f // g, out_f, g).permute(1, 0, 2).reshape(out_f, in_f)
-    return q.to(torch.int32), scale.reshape(in_f // g, out_f).to(scale_dtype), zero.reshape(in_f // g, out_f).to(torch.int32)
+    q = q.reshape(n, out_f, g).permute(1, 0, 2).reshape(out_f, n * g)[:, :in_f]
+    return q.to(torch.int32), scale.reshape(n, out_f).to(scale_dtype), zero.reshape(n, out_f).to(torch.int32)
 
 
-def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
     """Float weight [out, in] from codes and per-group [groups, out] scale/zero; g_idx maps input column -> group."""
-    out_f, in_f = q.shape
-    if g_idx is None:
-        g_idx = torch.arange(in_f, device=q.device) // (in_f // scale.shape[0])
     s = scale.float()[g_idx.long()].t()
     z = zero.float()[g_idx.long()].t()
     return s * (q.float() - z)
+
+
+def round_trip(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize-dequantize (round to nearest) in float32."""
+    in_f = w.shape[1]
+    return dequantize_groups(*quantize_groups(w.float(), spec), group_index(in_f, spec.group_size_for(in_f)).to(w.device))
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Quantize-dequantize in w's dtype with a straight-through gradient (Bengio et al. 2013; QAT).
 
     Scales are rounded to fp16 exactly as the checkpoint stores them, so conversion changes nothing."""
-    q, scale, zero = quantize_groups(w.detach(), spec)
-    wq = dequantize_groups(q, scale, zero).to(w.dtype)
+    wq = round_trip(w.detach(), spec).to(w.dtype)
     return w + (wq - w).detach()

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from quantool.errors import QuantoolError
-from quantool.formats import packed
-from quantool.qlinear import QuantLinear
+from quantool.formats import checkpoint
+from quantool.formats.qlinear import QuantLinear
 
 
 def checkpoint_kind(path: Path) -> str:
@@ -51,12 +51,10 @@ def load_model(path, device="cpu", dtype=None, kernel: str = "dequant"):
 
 
 def _attach_quantized(model, path: Path, dtype, kernel: str):
-    qcfg, quantized, plain = packed.read(path)
+    qcfg, quantized, plain = checkpoint.read(path)
     missing, unexpected = model.load_state_dict(plain, strict=False)
     for prefix, w in quantized.items():
-        parent_name, _, child = prefix.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, QuantLinear(w.q, w.scale, w.zero, w.g_idx, w.bias, qcfg["bits"], dtype))
+        model.set_submodule(prefix, QuantLinear(w.q, w.scale, w.zero, w.g_idx, w.bias, qcfg["bits"], dtype))
     quant_keys = {f"{p}.{s}" for p in quantized for s in ("weight", "bias")}
     missing = [k for k in missing if k not in quant_keys and not k.endswith("lm_head.weight")]
     if missing:

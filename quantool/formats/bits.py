@@ -1,49 +1,58 @@
-"""Bit packing of integer codes into int32 words for the GPTQ v1 and AWQ GEMM checkpoint layouts.
+"""Bit packing of integer codes into int32 words, for the GPTQ v1 and AWQ GEMM checkpoint layouts.
 
 GPTQ v1 (AutoGPTQ / GPT-QModel, read by vLLM): qweight [in * bits / 32, out] packs consecutive input rows
-as a little-endian bit stream (32 codes -> `bits` words, so 3-bit codes straddle words); qzeros
-[groups, out * bits / 32] packs (zero - 1) the same way along the output dimension.
+as a little-endian bit stream (a unit of 32 / gcd(32, bits) codes fills whole words: 8 codes in one word at
+4 bits, 32 codes in 3 words at 3 bits, whose codes straddle words); qzeros [groups, out * bits / 32] packs
+(zero - 1) the same way along the output dimension.
 AWQ GEMM (llm-awq / AutoAWQ, read by vLLM): qweight [in, out / 8] packs 8 output columns per word in the
 interleaved order 0, 2, 4, 6, 1, 3, 5, 7; qzeros [groups, out / 8] likewise (zero stored as is).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
+def unit(bits: int) -> tuple[int, int]:
+    """(codes, words) of the smallest run of codes that fills whole int32 words."""
+    g = math.gcd(32, bits)
+    return 32 // g, bits // g
+
+
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """int codes [n, m] (n multiple of 32) -> int32 [n * bits / 32, m], bit stream along dim 0."""
+    """int codes [n, m] (n a multiple of unit(bits)[0]) -> int32 [n * bits / 32, m], bit stream along dim 0."""
     n, m = codes.shape
-    c = (codes.to(torch.int64) & ((1 << bits) - 1)).reshape(n // 32, 32, m)
-    words = torch.zeros(n // 32, bits, m, dtype=torch.int64, device=codes.device)
-    for k in range(32):
-        bit = k * bits
-        w, off = divmod(bit, 32)
+    per, nwords = unit(bits)
+    c = (codes.to(torch.int64) & ((1 << bits) - 1)).reshape(n // per, per, m)
+    words = torch.zeros(n // per, nwords, m, dtype=torch.int64, device=codes.device)
+    for k in range(per):
+        w, off = divmod(k * bits, 32)
         words[:, w] |= (c[:, k] << off) & 0xFFFFFFFF
         spill = off + bits - 32
         if spill > 0:
             words[:, w + 1] |= c[:, k] >> (bits - spill)
-    return _to_int32(words.reshape(n // 32 * bits, m))
+    return _to_int32(words.reshape(n // per * nwords, m))
 
 
 def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of pack_rows: int32 [n * bits / 32, m] -> int32 codes [n, m]."""
     nw, m = words.shape
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    w = w.reshape(nw // bits, bits, m)
+    per, nwords = unit(bits)
+    w = (words.to(torch.int64) & 0xFFFFFFFF).reshape(nw // nwords, nwords, m)
     mask = (1 << bits) - 1
-    codes = torch.zeros(nw // bits, 32, m, dtype=torch.int64, device=words.device)
-    for k in range(32):
+    codes = torch.zeros(nw // nwords, per, m, dtype=torch.int64, device=words.device)
+    for k in range(per):
         idx, off = divmod(k * bits, 32)
         val = w[:, idx] >> off
         spill = off + bits - 32
         if spill > 0:
             val = val | (w[:, idx + 1] << (bits - spill))
         codes[:, k] = val & mask
-    return codes.reshape(nw // bits * 32, m).to(torch.int32)
+    return codes.reshape(nw // nwords * per, m).to(torch.int32)
 
 
 def pack_cols(codes: torch.Tensor, bits: int) -> torch.Tensor:

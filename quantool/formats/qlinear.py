@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from quantool.quant.quantizer import dequantize_groups
+from quantool.quant.quantizer import dequantize_groups, group_index
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 
@@ -23,7 +23,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero.to(torch.int32))
         self.register_buffer("g_idx", g_idx.to(torch.int32) if g_idx is not None else
-                             (torch.arange(self.in_features) // (self.in_features // scale.shape[0])).to(torch.int32))
+                             group_index(self.in_features, self.in_features // scale.shape[0]))
         self.bias = nn.Parameter(bias.to(dtype), requires_grad=False) if bias is not None else None
         self.dtype = dtype
         self.kernel = "dequant"
@@ -44,16 +44,17 @@ class QuantLinear(nn.Module):
         return self.kernel
 
     def tinygemm_ok(self) -> bool:
-        groups = self.scale.shape[0]
-        g = self.in_features // groups
-        return (self.bits == 4 and g in TINYGEMM_GROUPS and self.in_features % g == 0 and self.out_features % 8 == 0
+        """tinygemm takes 4-bit codes in equal groups of 32-256 columns (in any order: inputs are permuted)."""
+        counts = torch.bincount(self.g_idx.long())
+        g = int(counts[0])
+        return (self.bits == 4 and g in TINYGEMM_GROUPS and bool(torch.all(counts == g)) and self.out_features % 8 == 0
                 and self.in_features % 64 == 0)
 
     def _pack_tinygemm(self):
         perm = torch.argsort(self.g_idx, stable=True)
         self._perm = None if torch.equal(perm, torch.arange(self.in_features, device=perm.device)) else perm
         q = self.q.to(torch.int32)[:, perm]
-        g = self.in_features // self.scale.shape[0]
+        g = int(torch.bincount(self.g_idx.long())[0])
         scale = self.scale.float()
         zero_f = (8 - self.zero.float()) * scale
         self._sz = torch.stack([scale, zero_f], dim=-1).to(torch.bfloat16).contiguous()
