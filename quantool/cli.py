@@ -78,6 +78,8 @@ def _targets(value: str | None) -> tuple[str, ...]:
 @click.option("--kv-dtype", type=click.Choice(["bf16", "fp16", "fp32", "fp8", "int8", "int4"]), help="KV-cache dtype (default: weights dtype).")
 @click.option("--ptq", default="gptq", show_default=True, type=click.Choice(["gptq", "awq", "rtn"]), help="With --method quantize.")
 @click.option("--nsamples", default=128, show_default=True, type=int, help="Calibration samples, with --method quantize (--seq is their length).")
+@click.option("--ptq-device", default="cuda", show_default=True, type=click.Choice(["cuda", "cpu"]),
+              help="With --method quantize: quantize on the GPU, or entirely on the CPU (everything in host RAM).")
 @click.option("--gpus", default=1, show_default=True, type=int)
 @click.option("--zero", default=0, show_default=True, type=click.IntRange(0, 3), help="DeepSpeed ZeRO stage for data parallel training.")
 @click.option("--gpu", "gpu_spec", help="GPU name or size to check against: h100-80gb, rtx4090, 24GiB ... "
@@ -87,7 +89,7 @@ def _targets(value: str | None) -> tuple[str, ...]:
               help="Also run the workload (random weights) and compare: on the CUDA GPU, or 'cpu' to trace its tensors on the CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def memory(params, model_spec, method, batch, seq, gen, weights_dtype, autocast, optimizer, grad_checkpointing, keep_outputs,
-           lora_rank, lora_targets, quant, kv_dtype, ptq, nsamples, gpus, zero, gpu_spec, solve_for, measure, as_json):
+           lora_rank, lora_targets, quant, kv_dtype, ptq, nsamples, ptq_device, gpus, zero, gpu_spec, solve_for, measure, as_json):
     """Plan GPU memory for inference or training, before renting a GPU.
 
     \b
@@ -97,6 +99,7 @@ def memory(params, model_spec, method, batch, seq, gen, weights_dtype, autocast,
       quantool memory --model ./my-model --gpu 24GiB --solve batch
       quantool memory --params 70B --method full --gpus 8 --zero 3 --optimizer adamw8bit --json
       quantool memory --params 70B --method quantize --ptq gptq --seq 512 --gpu 24GiB
+      quantool memory --model llama-2-7b --method quantize --ptq gptq --nsamples 16 --seq 512 --ptq-device cpu
       quantool memory --model smollm2-135m --method full --batch 2 --seq 512 --measure cpu
       quantool memory --model llama-3-8b --method qlora --seq 4096 --keep-outputs --gpu a100-80gb
     """
@@ -117,7 +120,7 @@ def memory(params, model_spec, method, batch, seq, gen, weights_dtype, autocast,
     job = Job(method=method, batch=batch, seq=seq, gen=gen, weights_dtype=weights_dtype, autocast=autocast,
               optimizer=optimizer.replace("_", "-"), grad_checkpointing=grad_checkpointing, lora_rank=rank,
               lora_targets=_targets(lora_targets), quant=quant, kv_dtype=kv_dtype, gpus=gpus, zero=zero,
-              ptq=ptq, nsamples=nsamples, keep_outputs=keep_outputs,
+              ptq=ptq, nsamples=nsamples, ptq_device=ptq_device, keep_outputs=keep_outputs,
               compute_capability=gpu.compute_capability if gpu and gpu.compute_capability else HOPPER).validate()
     solved = None
     if solve_for:
@@ -151,6 +154,8 @@ def _plan_json(plan, gpu, solved, measured) -> dict:
         "phases": {k: int(v) for k, v in plan.phases.items()},
         "outside_allocator": {k: int(v) for k, v in plan.outside_allocator.items()},
         "device_bytes": plan.device_bytes,
+        "host_bytes": plan.host_bytes,
+        "host": {k: int(v) for k, v in plan.host.items()},
         "model": plan.shape.to_dict(),
         "job": asdict(plan.job),
         "notes": plan.notes,
@@ -165,6 +170,16 @@ def _plan_json(plan, gpu, solved, measured) -> dict:
     return data
 
 
+def _print_host(plan):
+    table = Table(title="host RAM at the peak (peak RSS)", title_justify="left")
+    table.add_column("component")
+    table.add_column("bytes", justify="right")
+    for name, value in sorted(plan.host.items(), key=lambda kv: -kv[1]):
+        table.add_row(name, fmt_bytes(value))
+    table.add_row("[bold]host peak[/]", f"[bold]{fmt_bytes(plan.host_bytes)}[/]")
+    console.print(table)
+
+
 def _print_plan(plan, gpu, solved, measured):
     from quantool.memory.plan import estimate
 
@@ -174,6 +189,10 @@ def _print_plan(plan, gpu, solved, measured):
               f"method [bold]{job.method}[/], batch {job.batch}, seq {job.seq}" + (f", gen {job.gen}" if job.method == "inference" else ""), highlight=False)
     for note in plan.notes:
         console.print(f"[dim]- {note}[/]", highlight=False)
+    if plan.host:
+        _print_host(plan)
+    if not plan.components:
+        return
     console.print(f"Predicted peak of torch.cuda.max_memory_allocated(), reached at: [bold]{plan.phase}[/]", highlight=False)
     table = Table()
     table.add_column("component")

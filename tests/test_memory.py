@@ -275,7 +275,7 @@ def test_malformed_config(tmp_path):
 
 
 def measured_cases(data: dict):
-    """(shape, job, measured peak bytes) for each case of a results file from reports/measure_memory.py."""
+    """(shape, job, measured peak bytes) for each case of a results file from tools/measure_memory.py."""
     for case in data["cases"]:
         yield ModelShape.from_dict(case["shape"]), Job.from_dict(case["job"]), case["measured"]["peak_bytes"]
 
@@ -307,13 +307,32 @@ def test_quantization_job_plan():
     gptq = estimate(shape, Job(method="quantize", ptq="gptq", seq=512))
     # one layer at a time: far below the model's own 138 GB of fp16 weights
     assert gptq.peak_bytes < 24 * 2**30 < shape.param_count() * 2
-    # GPTQ's largest Hessian is down_proj's [in, in] fp32 matrix
-    assert gptq.components["Hessians of one sub-layer group (fp32)"] == 4 * 28672**2
-    awq_small = estimate(shape, Job(method="quantize", ptq="awq", seq=512, nsamples=32))
-    awq_large = estimate(shape, Job(method="quantize", ptq="awq", seq=512, nsamples=128))
-    assert awq_large.peak_bytes > awq_small.peak_bytes  # AWQ keeps every sample's features on the GPU
+    # GPTQ's largest stage is down_proj's: its [in, in] fp32 Hessian, the factor and H^-1
+    assert gptq.components["GPTQ: Hessian, its factor and H^-1 (fp32)"] == 3 * 4 * 28672**2
+    # AWQ keeps every linear's inputs, bounded by --awq-search-tokens: more samples stop costing memory
+    awq = {n: estimate(shape, Job(method="quantize", ptq="awq", seq=512, nsamples=n)).peak_bytes for n in (4, 16, 128)}
+    assert awq[4] < awq[16] == awq[128]
+    deeper = replace(shape, layers=shape.layers * 4)
+    assert estimate(deeper, Job(method="quantize", ptq="gptq", seq=512)).peak_bytes == gptq.peak_bytes
     result = CliRunner().invoke(main, ["memory", "--params", "70B", "--method", "quantize", "--seq", "512", "--gpu", "24GiB", "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["gpu"]["fits"]
+    cpu = json.loads(CliRunner().invoke(main, ["memory", "--params", "70B", "--method", "quantize", "--ptq-device", "cpu",
+                                               "--json"]).output)
+    assert cpu["peak_bytes"] == 0 and cpu["host_bytes"] > gptq.host_bytes  # all of it in host RAM
+
+
+def test_quantization_plan_matches_measured_host_peaks():
+    """The host peaks of reports/streaming-memory.json (Llama-2-7B shapes, quantool rtn/gptq on a CPU) against
+    the planner: within 10%, at every depth."""
+    data = json.loads((Path(__file__).parent.parent / "reports/streaming-memory.json").read_text())
+    shape = resolve_model("llama-2-7b")
+    assert data["runs"]
+    for run in data["runs"]:
+        nsamples = int(run["command"].split("--nsamples ")[1]) if "--nsamples" in run["command"] else 128
+        plan = estimate(replace(shape, layers=run["layers"]), Job(method="quantize", ptq=run["method"], seq=512,
+                                                                  nsamples=nsamples, ptq_device="cpu"))
+        error = plan.host_bytes / run["peak_rss_bytes"] - 1
+        assert abs(error) < 0.10, f"{run['method']} {run['layers']} layers: predicted {error:+.1%} off the measured peak RSS"
 
 
 @pytest.mark.parametrize("job", [

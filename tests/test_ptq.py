@@ -65,6 +65,29 @@ def test_streamed_checkpoint_equals_in_memory_path(tiny_llama, tmp_path, story_t
     assert qcfg(tmp_path / "streamed") == qcfg(tmp_path / "in-memory")
 
 
+def test_gptq_stage_from_recorded_submodule_inputs_is_exact(tiny_llama, tmp_path, story_text, monkeypatch):
+    """down_proj's Hessian from the MLP's recorded inputs (attention skipped) equals the one from a pass through
+    the whole layer, bit for bit, and the shortcut is really taken."""
+    from quantool.model import layerwise
+    from quantool.ptq import gptq
+
+    cfg = dict(method="gptq", bits=4, group_size=32, calib=calib_file(tmp_path, story_text), nsamples=4, seqlen=64, device="cpu")
+    starts = []
+    original = layerwise.collect_inputs
+
+    def spy(*args, start=None, **kw):
+        starts.append(start is not None)
+        return original(*args, start=start, **kw)
+
+    monkeypatch.setattr(gptq, "collect_inputs", spy)
+    quantize_model(str(tiny_llama), tmp_path / "shortcut", PTQConfig(**cfg), log=lambda m: None)
+    assert starts.count(True) == 2 * 2  # per layer: o_proj from self_attn's inputs, down_proj from the MLP's
+    monkeypatch.setattr(gptq, "_next_entry", lambda stage, following: "")
+    quantize_model(str(tiny_llama), tmp_path / "whole-layer", PTQConfig(**cfg), log=lambda m: None)
+    a, b = tensors_of(tmp_path / "shortcut"), tensors_of(tmp_path / "whole-layer")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_rtn_matches_the_release_before_streaming(tmp_path):
     """Every tensor equals what the in-memory pipeline of quantool 0.1.0 wrote (hashes in tests/data/rtn_golden.json)."""
     golden = load_json(DATA / "rtn_golden.json")

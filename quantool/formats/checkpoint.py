@@ -26,11 +26,10 @@ def checkpoint_tensors(state: dict[str, torch.Tensor], quantized: dict[str, Quan
     layout can hold it, else its dequantized weight; other floating tensors cast to dtype.
     Returns (tensors, {prefix: why it is stored unpacked})."""
     layout = LAYOUTS[fmt]
-    out = {k: v.detach().to(dtype) if v.is_floating_point() else v.detach() for k, v in state.items()}
+    replaced = {f"{prefix}.{t}" for prefix in quantized for t in ("weight", "bias")}
+    out = {k: v.detach().to(dtype) if v.is_floating_point() else v.detach() for k, v in state.items() if k not in replaced}
     unpacked = {}
     for prefix, w in quantized.items():
-        out.pop(f"{prefix}.weight", None)
-        out.pop(f"{prefix}.bias", None)
         reason = layout.cannot_hold(bits, w)
         if reason is None:
             out.update(layout.pack(bits, prefix, w))

@@ -20,11 +20,11 @@ from quantool.errors import QuantoolError
 from quantool.memory.attention import attention_memory
 from quantool.memory.cuda import HOPPER, cublas_handles, cublas_workspace_bytes, parse_capability
 from quantool.memory.dtypes import DTYPE_BYTES
+from quantool.memory.quantize import quantization_memory
 from quantool.memory.shapes import ModelShape
 
 METHODS = ("inference", "full", "lora", "qlora", "qat", "quantize")
 PTQ_METHODS = ("gptq", "awq", "rtn")
-RUN_LAYER_CHUNK = 16  # samples per forward in quantool.model.layerwise.run_layer
 OPTIMIZERS = ("adamw", "adamw8bit", "paged-adamw8bit", "sgd")
 OPTIMIZER_ALIASES = {"paged_adamw8bit": "paged-adamw8bit"}  # bitsandbytes' class name, as scripts spell it
 QUANTS = ("none", "int8", "nf4")
@@ -57,6 +57,7 @@ class Job:
     zero: int = 0
     ptq: str = "gptq"  # --method quantize: which algorithm's job
     nsamples: int = 128  # --method quantize: calibration windows of --seq tokens
+    ptq_device: str = "cuda"  # --method quantize: where the layers are quantized (cpu: all on the host)
     keep_outputs: bool = False  # the loop keeps the model output (and its logits) until the next forward returns
     compute_capability: str = HOPPER  # the card's, for the cuBLAS workspace and the attention kernel
 
@@ -87,6 +88,8 @@ class Job:
                                      ("quant", self.quant, QUANTS), ("weights-dtype", self.weights_dtype, ("bf16", "fp16", "fp32"))):
             if value not in allowed:
                 raise QuantoolError(f"unknown --{name} {value!r}: choose one of {', '.join(allowed)}")
+        if self.ptq_device not in ("cuda", "cpu"):
+            raise QuantoolError(f"unknown --ptq-device {self.ptq_device!r}: choose cuda or cpu")
         if self.ptq not in PTQ_METHODS:
             raise QuantoolError(f"unknown --ptq {self.ptq!r}: choose one of {', '.join(PTQ_METHODS)}")
         for name, value in (("batch", self.batch), ("seq", self.seq), ("gpus", self.gpus), ("nsamples", self.nsamples)):
@@ -128,6 +131,7 @@ class Plan:
     outside_allocator: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     traced_phases: dict[str, float] = field(default_factory=dict)  # the same phases without CUDA-only terms
+    host: dict[str, float] = field(default_factory=dict)  # host RAM at the peak (--method quantize)
 
     @property
     def peak_bytes(self) -> int:
@@ -137,6 +141,10 @@ class Plan:
     def traced_peak_bytes(self) -> int:
         """What a CPU trace of the same job (`trace.LiveTensorBytes`) should see: no CUDA-only terms."""
         return int(max(self.traced_phases.values()))
+
+    @property
+    def host_bytes(self) -> int:
+        return int(sum(self.host.values()))
 
     @property
     def device_bytes(self) -> int:
@@ -612,38 +620,18 @@ def _training(shape: ModelShape, job: Job, weights: dict[str, float]) -> Plan:
 
 
 def _quantization(shape: ModelShape, job: Job) -> Plan:
-    """quantool's own layer-by-layer GPTQ/AWQ/RTN job (fp16 on the GPU): one layer's weights and work at a time."""
-    wb, h, inter = 2, shape.hidden, shape.intermediate
-    lin = shape.linears()
-    layer_w = (shape.linear_params_per_layer() + shape.small_params_per_layer()) * wb
-    tokens = min(RUN_LAYER_CHUNK, job.nsamples) * job.seq
-    forward = tokens * wb * (2 * h + max(3 * inter, 3 * shape.q_dim + 2 * shape.kv_dim))
-    capture = shape.embedding_params() * wb + job.seq * h * 4
-    comps = {"one decoder layer's weights (fp16)": layer_w, "layer forward on one chunk of samples": forward}
-    if job.ptq == "gptq":
-        mlp = shape.mlp_names()
-        groups = [["q_proj", "k_proj", "v_proj"], ["o_proj"], list(mlp[:-1]), [mlp[-1]]]
-        hess = max(sum(4 * lin[n][0] ** 2 for n in g) for g in groups)
-        work = max(4 * 4 * i * o + 3 * 4 * i * i for i, o in lin.values())
-        comps["Hessians of one sub-layer group (fp32)"] = hess
-        comps["GPTQ working copies (W, Q, H^-1; fp32)"] = work
-    elif job.ptq == "awq":
-        t_all = job.nsamples * job.seq
-        inputs = {"q_proj": h, "o_proj": shape.q_dim, shape.mlp_names()[0]: h, shape.mlp_names()[-1]: inter}
-        comps["recorded linear inputs, all samples (fp16)"] = t_all * wb * sum(inputs.values())
-        comps["per-linear fp32 copies of those inputs"] = t_all * 4 * sum(i for i, _ in lin.values())
-        comps["scale-search block outputs (fp32)"] = 2 * t_all * 4 * h
-    else:
-        comps["RTN working copies (fp32)"] = max(3 * 4 * i * o for i, o in lin.values())
-    layer_phase = sum(comps.values())
-    phases = {"capture layer-0 inputs": capture, "quantize one layer": layer_phase}
-    phase = max(phases, key=phases.get)
-    if phase != "quantize one layer":
-        comps = {"embeddings (fp16) + one sample": capture}
-    notes = [f"{job.ptq.upper()} job: {job.nsamples} calibration samples x {job.seq} tokens, layers quantized one at a time",
-             "calibration hidden states stay in host memory: "
-             f"{2 * job.nsamples * job.seq * h * wb / 2**30:.2f} GiB (inputs and outputs of the current layer)"]
-    return Plan(shape, job, comps, phase, shape.param_count(), 0, phases, notes=notes, traced_phases=phases)
+    """quantool's own streamed RTN/GPTQ/AWQ job: one layer's weights and work at a time, on the GPU or the CPU."""
+    on_cpu = job.ptq_device == "cpu"
+    device, host = quantization_memory(shape, job.ptq, job.nsamples, job.seq, on_cpu)
+    if not on_cpu:
+        device["cuBLAS workspace"] = cublas_workspace_bytes(job.compute_capability)
+    where = "host RAM (--ptq-device cpu)" if on_cpu else "the GPU; calibration states and finished codes on the host"
+    notes = [f"{job.ptq.upper()} job streamed layer by layer from safetensors: {job.nsamples} calibration samples x "
+             f"{job.seq} tokens; the peak does not grow with depth; work on {where}",
+             "a source without safetensors (pytorch_model*.bin) is loaded whole into host RAM first"]
+    phases = {"quantize one layer": sum(device.values())}
+    return Plan(shape, job, device, "quantize one layer", shape.param_count(), 0, phases, notes=notes,
+                traced_phases=dict(phases), host=host)
 
 
 def estimate(shape: ModelShape, job: Job) -> Plan:
@@ -655,6 +643,8 @@ def estimate(shape: ModelShape, job: Job) -> Plan:
         plan = _inference(shape, job, weight_bytes(shape, job))
     else:
         plan = _training(shape, job, weight_bytes(shape, job))
+    if not plan.components:  # nothing on a GPU
+        return plan
     plan.outside_allocator["CUDA context and libraries (H100, measured)"] = CUDA_CONTEXT_BYTES
     plan.outside_allocator["allocator cache beyond the peak (median 16.5%, measured 4-32%)"] = ALLOCATOR_CACHE * plan.peak_bytes
     if shape.note:

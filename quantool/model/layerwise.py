@@ -50,11 +50,18 @@ def to_device(obj, device):
     return obj
 
 
+def _chunk(x: torch.Tensor, tokens: int) -> int:
+    """Samples per forward call: about `tokens` tokens, which bounds the layer's intermediate activations
+    (a 7B MLP's four [tokens, 11008] fp32 tensors are 0.7 GB at 4096 tokens)."""
+    return max(1, tokens // max(1, x.shape[1]))
+
+
 @torch.no_grad()
-def run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict, device, chunk: int = 16) -> torch.Tensor:
+def run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict, device, tokens: int = 4096) -> torch.Tensor:
     """Outputs of one layer for all samples, computed in chunks on device, returned on CPU."""
     kw = to_device(kwargs, device)
     outs = []
+    chunk = _chunk(x, tokens)
     for i in range(0, x.shape[0], chunk):
         y = layer(x[i:i + chunk].to(device), **kw)
         outs.append((y[0] if isinstance(y, tuple) else y).to("cpu"))
@@ -63,11 +70,17 @@ def run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict, device, chunk: in
 
 @torch.no_grad()
 def collect_inputs(layer: nn.Module, x: torch.Tensor, kwargs: dict, device, modules: dict[str, nn.Module], on_input,
-                   chunk: int = 16):
+                   tokens: int = 4096, start: tuple[nn.Module, list] | None = None):
     """Call on_input(name, input) for each module's input, for all samples, running the layer only until the
-    last of `modules` has been called (the rest of the layer's forward is skipped)."""
+    last of `modules` has been called (the rest of the layer's forward is skipped). With `start`, a submodule
+    and its recorded calls (`record_call`), only that submodule runs, on those calls."""
     kw = to_device(kwargs, device)
     seen = set()
+    chunk = _chunk(x, tokens)
+    if start is None:
+        runs = ((layer, (x[i:i + chunk].to(device),), kw) for i in range(0, x.shape[0], chunk))
+    else:
+        runs = ((start[0], to_device(args, device), to_device(ckw, device)) for args, ckw in start[1])
 
     def hook(name):
         def fn(mod, args):
@@ -79,15 +92,26 @@ def collect_inputs(layer: nn.Module, x: torch.Tensor, kwargs: dict, device, modu
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
     try:
-        for i in range(0, x.shape[0], chunk):
+        for module, args, call_kw in runs:
             seen.clear()
             try:
-                layer(x[i:i + chunk].to(device), **kw)
+                module(*args, **call_kw)
             except _Stop:
                 pass
     finally:
         for h in handles:
             h.remove()
+
+
+def enclosing(names: list[str]) -> str:
+    """The innermost submodule that contains all the named ones ('' for the layer itself)."""
+    parts = [n.split(".")[:-1] for n in names]
+    common = []
+    for segment in zip(*parts):
+        if any(s != segment[0] for s in segment):
+            break
+        common.append(segment[0])
+    return ".".join(common)
 
 
 @contextmanager
@@ -102,10 +126,11 @@ def record_inputs(modules: dict[str, nn.Module], on_input):
 
 
 @contextmanager
-def record_call(module: nn.Module, store: dict):
-    """Keep the args and kwargs of every call of module (to re-run it alone)."""
+def record_call(module: nn.Module, store: dict, device=None):
+    """Keep the args and kwargs of every call of module (to re-run it alone), moved to `device` if given."""
     def hook(mod, args, kwargs):
-        store.setdefault("calls", []).append((args, kwargs))
+        call = (args, kwargs) if device is None else (to_device(args, device), to_device(kwargs, device))
+        store.setdefault("calls", []).append(call)
 
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:

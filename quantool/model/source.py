@@ -131,8 +131,9 @@ class ModelSource:
         except (OSError, ValueError, KeyError) as exc:
             raise QuantoolError(f"cannot load {self.folder} as a causal LM: {_first_line(exc)}") from None
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Tensors as stored, each shard opened once and closed after (its pages are not kept mapped)."""
+    def read(self, names: list[str], dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Tensors copied out of their shards (each opened once and closed after, so its pages are not kept
+        mapped), floating ones cast to dtype one at a time, so no second copy of the whole set is made."""
         from safetensors import safe_open
 
         by_file = defaultdict(list)
@@ -142,7 +143,8 @@ class ModelSource:
         for f, group in by_file.items():
             with safe_open(str(f), framework="pt") as handle:
                 for name in group:
-                    out[name] = handle.get_tensor(name).clone()
+                    t = handle.get_tensor(name)
+                    out[name] = t.to(device, dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
         return out
 
 
@@ -170,15 +172,13 @@ class StreamedWeights:
         if absent:
             raise QuantoolError(f"{self.source.folder} holds no tensor {prefix}{absent[0]} (and {len(absent) - 1} more) that "
                                 f"config.json implies: the weights and the config do not match")
-        stored = self.source.read([f"{prefix}{k}" for k in present])
-        tensors = {}
+        stored = self.source.read([f"{prefix}{k}" for k in present], self.dtype, self.device)
         for k in present:
             t = stored[f"{prefix}{k}"]
             if t.shape != expected[k].shape:
                 raise QuantoolError(f"{self.source.files[prefix + k].name}: tensor {prefix}{k} has shape {tuple(t.shape)}, "
                                     f"but config.json implies {tuple(expected[k].shape)}: the shards do not match the config")
-            tensors[k] = t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
-        module.load_state_dict(tensors, strict=False, assign=True)
+        module.load_state_dict({k: stored[f"{prefix}{k}"] for k in present}, strict=False, assign=True)
 
     def drop(self, module: nn.Module, keys: list[str] | None = None):
         state = module.state_dict()

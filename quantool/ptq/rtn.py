@@ -14,7 +14,9 @@ def quantize_layer(layer, lmap: LayerMap, x, kwargs, spec: QuantSpec, cfg, devic
         w = mod.weight.data.float()
         q, scale, zero = quantize_groups(w, spec)
         qw = QuantizedWeight(q.cpu(), scale.cpu(), zero.cpu(), group_index(w.shape[1], spec.group_size_for(w.shape[1])), bias_of(mod))
-        report.errors[name] = relative_error(w.cpu(), qw.dequantize(), None)
-        set_weight(mod, qw.dequantize())
+        wq = qw.dequantize()
+        report.errors[name] = relative_error(w, wq, None)
+        set_weight(mod, wq)
+        del w, wq
         results[name] = qw
     return results, report, None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -48,22 +49,22 @@ class GPTQResult:
     damp: float  # damping fraction finally used
 
 
-def _inverse_cholesky(H: torch.Tensor, percdamp: float, max_damp: float = 10.0) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of H^-1, raising damping x10 (up to max_damp x the mean diagonal) until it succeeds."""
-    mean_diag = torch.mean(torch.diag(H))
+def _inverse_cholesky(fresh: Callable[[], torch.Tensor], percdamp: float, max_damp: float = 10.0) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of H^-1, raising damping x10 (up to max_damp x the mean diagonal) until it succeeds.
+    `fresh()` gives a new copy of H for each try; both factorizations run in place (out= their input), so two
+    [in, in] matrices live besides the caller's H: for a 7B down_proj (11008 columns) 0.97 GB, not 1.9."""
     damp = percdamp
-    while True:  # temporaries are dropped as soon as used: at most three [in, in] matrices live at once
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd
+    while True:
+        Hd = fresh()
+        Hd.diagonal().add_(damp * torch.mean(torch.diag(Hd)))
+        info = torch.empty((), dtype=torch.int32, device=Hd.device)
+        torch.linalg.cholesky_ex(Hd, out=(Hd, info))
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            del Hinv
+            Hd = torch.cholesky_inverse(Hd)  # the factor is freed once its inverse exists
+            torch.linalg.cholesky_ex(Hd, upper=True, out=(Hd, info))
             if info == 0:
-                return U, damp
+                return Hd, damp
+        del Hd
         if damp * 10 > max_damp:
             raise CholeskyError(f"the Hessian is not positive definite even with damping {damp:g} x its mean diagonal "
                                 f"(started at {percdamp:g}); the calibration inputs of this layer are degenerate")
@@ -90,12 +91,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
                   order: str = "natural", static_groups: bool = False, scale_dtype=torch.float16) -> GPTQResult:
     """Quantize W [out, in] minimizing ||W X - Q X||^2 where H = 2 X X^T / n."""
     W = W.detach().float().clone()
-    H = H.detach().float().clone()
+    H = H.detach().float()  # read only: the damped, permuted copies are made by `permuted`
     rows, cols = W.shape
     g = spec.group_size_for(cols)
     n_groups = spec.groups_for(cols)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    diag = torch.diag(H).clone()
+    dead = diag == 0
+    diag[dead] = 1
     W[:, dead] = 0
 
     def params(block):
@@ -103,10 +105,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
         return scale.to(scale_dtype).float(), zero
 
     static = [params(W[:, i:i + g]) for i in range(0, cols, g)] if static_groups else None
-    perm = _permutation(torch.diag(H), order, g)
-    W, H = W[:, perm], H[perm][:, perm]
-    Hinv, damp = _inverse_cholesky(H, percdamp)
-    del H
+    perm = _permutation(diag, order, g)
+    natural = order == "natural"
+
+    def permuted() -> torch.Tensor:
+        Hp = H.clone() if natural else H[perm][:, perm]
+        Hp.diagonal().copy_(diag[perm])
+        return Hp
+
+    W = W if natural else W[:, perm]
+    Hinv, damp = _inverse_cholesky(permuted, percdamp)
 
     # the group of each column in the order of quantization: act-order without static groups cuts new groups
     # along that order; otherwise each column keeps its original group

@@ -52,13 +52,17 @@ def group_index(in_features: int, group_size: int) -> torch.Tensor:
 
 @dataclass
 class QuantizedWeight:
-    """One quantized linear: codes [out, in], per-group scale/zero [groups, out], g_idx [in], and its bias."""
+    """One quantized linear: codes [out, in] (uint8: at most 8 bits, a quarter of int32's memory), per-group
+    scale/zero [groups, out], g_idx [in], and its bias."""
 
     q: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     g_idx: torch.Tensor
     bias: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.q = self.q.to(torch.uint8)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_groups(self.q, self.scale, self.zero, self.g_idx)
