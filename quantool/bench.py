@@ -62,27 +62,40 @@ def environment(device: torch.device) -> dict:
 
 
 def describe_checkpoint(path: Path) -> dict:
-    """method, bits, group size, size on disk and quantization time of a checkpoint directory."""
-    info = {"path": str(path), "name": path.name, "method": "fp16", "bits": 16, "group_size": None, "quant_seconds": None}
+    """What a checkpoint directory is, whoever wrote it: method, bits, group size, the tool that wrote it,
+    size on disk and (for quantool's) quantization time. Other tools are named from the quantizer their
+    quantization_config records (GPT-QModel writes meta.quantizer, llm-compressor its own keys)."""
+    info = {"path": str(path), "name": path.name, "method": "fp16", "bits": 16, "group_size": None, "quant_seconds": None,
+            "tool": None}
     cfg_path = path / "config.json"
     if cfg_path.exists():
-        cfg = json.loads(cfg_path.read_text())
-        q = cfg.get("quantization_config") or {}
-        if q.get("quant_method") in ("gptq", "awq"):
-            info.update(bits=q["bits"], group_size=q["group_size"], format=q["quant_method"])
-        elif q.get("quant_method") == "bitsandbytes":
-            info.update(bits=8 if q.get("load_in_8bit") else 4, format="bitsandbytes")
+        q = json.loads(cfg_path.read_text()).get("quantization_config") or {}
+        kind = q.get("quant_method")
+        if kind in ("gptq", "awq"):
+            info.update(method=kind, bits=q["bits"], group_size=q["group_size"], format=kind)
+            if q.get("desc_act"):
+                info["method"] = f"{kind} (act-order)"
+        elif kind == "bitsandbytes":
+            info.update(method="int8" if q.get("load_in_8bit") else "nf4", bits=8 if q.get("load_in_8bit") else 4,
+                        format="bitsandbytes")
+        elif kind:
+            info.update(method=kind, bits=q.get("bits", info["bits"]), group_size=q.get("group_size"))
+        quantizer = (q.get("meta") or {}).get("quantizer")
+        if quantizer:
+            info["tool"] = ", ".join(quantizer) if isinstance(quantizer, list) else str(quantizer)
+        elif kind:
+            info["tool"] = "unknown tool"
     meta = path / "quantool.json"
     if meta.exists():
         m = json.loads(meta.read_text())
-        info["method"] = m["config"]["method"]
-        info["quant_seconds"] = m.get("seconds")
-        if info["method"] == "gptq" and m["config"].get("act_order"):
-            info["method"] = "gptq (act-order)"
-        elif info["method"] == "qat" and m["config"].get("fake_quant") is False:
+        cfg = m["config"]
+        info.update(method=cfg["method"], quant_seconds=m.get("seconds"), tool=f"quantool {m.get('version', '')}".strip())
+        if info["method"] == "gptq" and cfg.get("order", "natural") != "natural":
+            info["method"] = f"gptq ({cfg['order']} order)"
+        elif info["method"] == "qat" and cfg.get("fake_quant") is False:
             info["method"] = "fine-tune, then rtn (control)"
-        elif info["method"] == "qat" and m["config"].get("lora_rank"):
-            info["method"] = f"qat (LoRA r{m['config']['lora_rank']})"
+        elif info["method"] == "qat" and cfg.get("lora_rank"):
+            info["method"] = f"qat (LoRA r{cfg['lora_rank']})"
     info["size_bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.exists() else None
     return info
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from quantool import workdir
+from quantool import __version__, workdir
 from quantool.atomic import torch_save, write_json
 from quantool.device import resolve_device
 from quantool.errors import QuantoolError
@@ -224,7 +224,7 @@ def _train(model, tok, model_path, out: Path, work: Path, cfg: QATConfig, device
                "loss_first": sum(losses[:10]) / len(losses[:10]), "loss_last": sum(losses[-10:]) / len(losses[-10:]),
                "ppl_before": before, "ppl_fake_quant": fake_quant_after, "ppl_after": after,
                "seconds": time.perf_counter() - t0}
-    write_json({**summary, "config": {**asdict(cfg), "method": "qat"}}, ckpt / "quantool.json")
+    write_json({"version": __version__, **summary, "config": {**asdict(cfg), "method": "qat"}}, ckpt / "quantool.json")
     workdir.publish(work, out)
     return summary
 

@@ -19,7 +19,8 @@ def rows(data: dict) -> list[dict]:
     out = []
     for m in models:
         r = {"name": m["name"], "method": m.get("method", "?"), "bits": m.get("bits"), "group": m.get("group_size"),
-             "size": m.get("size_bytes"), "quant_s": m.get("quant_seconds")}
+             "tool": m.get("tool"), "size": m.get("size_bytes"), "quant_s": m.get("quant_seconds")}
+        r["label"] = label(r)
         if m.get("size_bytes") and base.get("size_bytes"):
             r["ratio"] = base["size_bytes"] / m["size_bytes"]
         if m.get("ppl") and base.get("ppl"):
@@ -38,6 +39,14 @@ def rows(data: dict) -> list[dict]:
             r["kernels"] = m.get("kernels", {})
         out.append(r)
     return out
+
+
+def label(r: dict) -> str:
+    """What a checkpoint is, in a few words: method, bits, group, and the tool when it is not quantool."""
+    if r["bits"] in (None, 16):
+        return r["method"]
+    text = f"{r['method']} w{r['bits']}" + (f" g{r['group']}" if r.get("group") else "")
+    return text if not r.get("tool") or r["tool"].startswith("quantool") else f"{text} ({r['tool']})"
 
 
 def fmt_or_dash(v, spec="{:.2f}"):
@@ -60,10 +69,11 @@ def markdown(data: dict, images: dict[str, str]) -> str:
                   + f"; text `{ppl['text']}`, fraction {ppl['text_range'][0]:.2f}-{ppl['text_range'][1]:.2f} of its tokens"
                   + (f", first {ppl['max_tokens']} tokens" if ppl.get("max_tokens") else "")
                   + f", {base['ppl']['tokens']} tokens scored. Numbers from other protocols do not compare.", "",
-                  "| model | method | bits | group | perplexity | change vs fp16 | change % | size on disk | compression | quantization time |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| model | method | bits | group | written by | perplexity | change vs fp16 | change % | size on disk | compression | quantization time |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rs:
-            lines.append(f"| {r['name']} | {r['method']} | {r['bits']} | {fmt_or_dash(r['group'], '{}')} | {fmt_or_dash(r.get('ppl'), '{:.4f}')} "
+            lines.append(f"| {r['name']} | {r['method']} | {r['bits']} | {fmt_or_dash(r['group'], '{}')} | {r['tool'] or '-'} "
+                         f"| {fmt_or_dash(r.get('ppl'), '{:.4f}')} "
                          f"| {fmt_or_dash(r.get('dppl'), '{:+.4f}')} | {r.get('dppl_pct', '-')} | {fmt_bytes(r['size']) if r['size'] else '-'} "
                          f"| {fmt_or_dash(r.get('ratio'), '{:.2f}x')} | {fmt_or_dash(r['quant_s'], '{:.1f} s')} |")
         lines.append("")
@@ -104,14 +114,19 @@ def plots(data: dict, stem: Path) -> dict[str, Path]:
     made = {}
     pts = [r for r in rs if r.get("ppl") and r.get("size")]
     if pts:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in pts:
-            ax.scatter(r["size"] / 2**20, r["ppl"], s=40)
-            ax.annotate(f"{r['method']} {r['bits']}b", (r["size"] / 2**20, r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        # one marker per point, named in a legend beside the axes: text labels next to points overlap once
+        # there are ten or more of them
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        markers = "osD^v<>phX*P"
+        colors = plt.get_cmap("tab10").colors
+        for i, r in enumerate(pts):
+            ax.scatter(r["size"] / 2**20, r["ppl"], s=50, marker=markers[i % len(markers)], color=colors[i % len(colors)],
+                       label=f"{r['label']}: {r['ppl']:.2f}, {r['size'] / 2**20:.0f} MiB")
         ax.set_xlabel("size on disk (MiB)")
-        ax.set_ylabel("perplexity (lower is better)")
+        ax.set_ylabel("perplexity (per token, lower is better)")
         ax.set_title("Perplexity vs size")
         ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
         fig.tight_layout()
         made["ppl"] = stem.with_name(stem.name + "-ppl-size.png")
         fig.savefig(made["ppl"], dpi=120)
@@ -119,12 +134,12 @@ def plots(data: dict, stem: Path) -> dict[str, Path]:
     speed = data["protocol"].get("speed")
     if speed:
         fig, ax = plt.subplots(figsize=(6, 4))
-        names = [f"{r['method']} {r['bits']}b" for r in rs]
+        names = [r["label"] for r in rs]
         width = 0.8 / len(speed["batch_sizes"])
         for k, b in enumerate(speed["batch_sizes"]):
             ax.bar([i + k * width for i in range(len(rs))], [r.get(f"decode_b{b}") or 0 for r in rs], width, label=f"batch {b}")
         ax.set_xticks([i + width * (len(speed["batch_sizes"]) - 1) / 2 for i in range(len(rs))], names, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("decode tokens/s")
+        ax.set_ylabel("decode speed (tokens/s)")
         ax.set_title("Decode throughput")
         ax.legend()
         fig.tight_layout()

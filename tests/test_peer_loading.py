@@ -15,7 +15,7 @@ pytest.importorskip("gptqmodel")
 pytest.importorskip("optimum")
 
 
-@pytest.mark.parametrize("cfg", [dict(method="gptq", bits=4, act_order=True), dict(method="gptq", bits=3),
+@pytest.mark.parametrize("cfg", [dict(method="gptq", bits=4, order="act"), dict(method="gptq", bits=3),
                                  dict(method="gptq", bits=4, sym=False), dict(method="awq", bits=4)],
                          ids=["gptq4-actorder", "gptq3", "gptq4-asym", "awq4"])
 def test_transformers_loads_our_checkpoint(tmp_path, story_text, cfg):

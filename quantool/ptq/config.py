@@ -28,7 +28,7 @@ class PTQConfig:
     group_size: int = _opt(128, "Columns per quantization group: 32/64/128, or -1 for per channel. A width that is not a "
                            "multiple ends in a partial group.")
     sym: bool = _opt(True, "Symmetric or zero-point quantization (rtn/gptq; awq always uses zero points).", flag="--sym/--asym")
-    order: str = _opt("natural", "GPTQ column order: natural; act (act-order, desc_act in the checkpoint); group "
+    order: str = _opt("group", "GPTQ column order: natural; act (act-order, desc_act in the checkpoint); group "
                       "(group-aware: important groups first, checkpoint layout unchanged).", choices=ORDERS)
     static_groups: bool = _opt(False, "GPTQ with --order act: groups fixed before reordering.")
     true_sequential: bool = _opt(True, "GPTQ: quantize q/k/v, o, gate/up, down in turn, each seeing the quantized ones "

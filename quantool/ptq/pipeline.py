@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from quantool import allocator, workdir
+from quantool import __version__, allocator, workdir
 from quantool.atomic import torch_save, write_json
 from quantool.device import compute_dtype, resolve_device
 from quantool.errors import QuantoolError
@@ -53,7 +53,7 @@ def quantize_model(model_path: str, out: str | Path, cfg: PTQConfig, overwrite: 
         else:
             summary = quantize_layers(source, work, cfg, device, resume, on_layer or (lambda r, n: None), log)
         summary.update(seconds=time.perf_counter() - start, device=str(device))
-        write_json({"config": asdict(cfg), "source": str(model_path), **summary}, ckpt / "quantool.json")
+        write_json({"version": __version__, "config": asdict(cfg), "source": str(model_path), **summary}, ckpt / "quantool.json")
     workdir.publish(work, out)
     summary["size_after"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     return summary

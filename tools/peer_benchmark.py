@@ -1,0 +1,199 @@
+"""quantool against GPT-QModel on the same calibration tokens, one perplexity protocol for every checkpoint.
+
+    python3 /work/shared/models/smollm2-135m/to_hf.py /tmp/smollm2-135m        # the model, once (needs gguf)
+    python3 -m venv --system-site-packages /tmp/peer && /tmp/peer/bin/pip install gptqmodel==7.6.0
+    python tools/peer_benchmark.py --model /tmp/smollm2-135m --peer-python /tmp/peer/bin/python
+
+The text (WikiText-2 test by default) is cut at the newline nearest its middle character: the first half
+is the calibration text of both tools, which draw the same windows from it (quantool's seeded disjoint
+windows, handed to GPT-QModel as token ids); perplexity is measured on the tokens of the second half
+only, so calibration and evaluation never share a token. Every quantization runs as its own process,
+timed by wall clock, with peak RSS from the kernel (wait4's ru_maxrss). Both tools use their own
+default damping and ordering (quantool: group-aware order, damp 0.01; GPT-QModel 7.6: group-aware
+reordering, damp 0.05); bits, group, symmetry, act-order (off), samples, length and seed are the same.
+Writes reports/smollm2-peer.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"gptq-w4g64": ("gptq", 4, 64), "gptq-w4g128": ("gptq", 4, 128), "gptq-w3g64": ("gptq", 3, 64),
+           "awq-w4g64": ("awq", 4, 64)}
+
+
+def split_text(path: Path, work: Path) -> tuple[Path, Path]:
+    """(calibration file, evaluation file): the text cut at the newline nearest its middle."""
+    text = path.read_text()
+    cut = text.rfind("\n", 0, len(text) // 2) + 1
+    calib, evaluation = work / "calibration.txt", work / "evaluation.txt"
+    calib.write_text(text[:cut])
+    evaluation.write_text(text[cut:])
+    return calib, evaluation
+
+
+def run_child(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+    """Exit status, wall seconds and peak RSS of one command, run in the log's folder (GPT-QModel writes logs/ there)."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
+        _, status, usage = os.wait4(proc.pid, 0)
+    return {"exit": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - start,
+            "peak_rss_bytes": usage.ru_maxrss * 1024}
+
+
+def peer_child(args) -> None:
+    """Runs inside the peer's Python: GPT-QModel quantizes on windows drawn exactly as quantool draws them."""
+    from gptqmodel import GPTQModel
+    from gptqmodel.quantization.config import AWQConfig, GPTQConfig
+    from transformers import AutoTokenizer
+
+    from quantool.model import calibration
+
+    method, bits, group = CONFIGS[args.config]
+    tok = AutoTokenizer.from_pretrained(args.model)
+    ids = calibration.tokenize(tok, calibration.read_text(str(args.calib)))
+    windows = calibration.windows(ids, args.nsamples, args.seqlen, args.seed)
+    data = [{"input_ids": w.tolist(), "attention_mask": [1] * w.numel()} for w in windows]
+    kind = GPTQConfig if method == "gptq" else AWQConfig
+    qcfg = kind(bits=bits, group_size=group, sym=method == "gptq", desc_act=False) if method == "gptq" else \
+        kind(bits=bits, group_size=group)
+    model = GPTQModel.load(str(args.model), qcfg)
+    model.quantize(data, batch_size=1)
+    model.save(str(args.out))
+
+
+def quantool_cmd(args, name: str, calib: Path, out: Path) -> list[str]:
+    method, bits, group = CONFIGS[name]
+    return ["quantool", method, str(args.model), "-o", str(out), "--bits", str(bits), "--group-size", str(group),
+            "--calib", str(calib), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed",
+            str(args.seed), "--device", "cpu"]
+
+
+def evaluate(path: Path, eval_text: Path, ctx: int, max_tokens: int) -> float:
+    import quantool
+    from quantool.eval.perplexity import perplexity
+    from quantool.model.calibration import read_text, tokenize
+
+    model, tok = quantool.load(str(path), device="cpu")
+    ids = tokenize(tok, read_text(str(eval_text)))
+    return perplexity(model, ids, ctx, max_tokens=max_tokens)["ppl"]
+
+
+def markdown(data: dict) -> str:
+    m = data["machine"]
+    base = data["fp16_ppl"]
+    lines = ["# SmolLM2-135M: quantool against GPT-QModel on the same tokens", "",
+             f"Measured {data['date']} on {m['cpus']} CPU cores (no GPU), Python {m['python']}, torch {m['torch']}, "
+             f"transformers {m['transformers']}, GPT-QModel {data['peer_version']}. Regenerate with `{data['command']}`.", "",
+             f"Model: SmolLM2-135M-Instruct (hidden 576, MLP 1536, 30 layers) as an fp16 HF folder. Calibration: "
+             f"{data['nsamples']} x {data['seqlen']} tokens, seed {data['seed']}, drawn by both tools as the same windows "
+             f"from the first half of {data['text']} (cut at a newline near its middle character). Evaluation: perplexity "
+             f"at context {data['ctx']} on the first {data['max_tokens']} tokens of the second half, so calibration and "
+             f"evaluation share no token. Every checkpoint, whoever wrote it, is loaded and evaluated by the same code.", "",
+             f"fp16: ppl {base:.2f}. Recovered = the share of RTN's perplexity increase that the method removes.", "",
+             "| checkpoint | tool | ppl | Δppl vs fp16 | recovered | wall time | peak RSS | time ours/peer | RSS ours/peer |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in data["runs"]:
+        if r.get("error"):
+            lines.append(f"| {r['label']} | {r['tool']} | – | – | – | – | – | – | – |")
+            continue
+        rtn = next((x["ppl"] for x in data["runs"] if x["tool"] == "quantool" and x["label"] == r["rtn_label"]), None)
+        rec = "" if rtn is None or r["label"] == r["rtn_label"] else f"{(rtn - r['ppl']) / (rtn - base):.0%}"
+        peer = next((x for x in data["runs"] if x["label"] == r["label"] and x["tool"] != r["tool"] and not x.get("error")), None)
+        ratios = ("| – | –" if peer is None or r["tool"] != "quantool" else
+                  f"| {r['seconds'] / peer['seconds']:.2f} | {r['peak_rss_bytes'] / peer['peak_rss_bytes']:.2f}")
+        lines.append(f"| {r['label']} | {r['tool']} | {r['ppl']:.2f} | {r['ppl'] - base:+.2f} | {rec} | {r['seconds']:.0f} s "
+                     f"| {r['peak_rss_bytes'] / 2**30:.2f} GiB {ratios} |")
+    errors = [r for r in data["runs"] if r.get("error")]
+    if errors:
+        lines += ["", "Runs that did not produce a checkpoint:", ""]
+        lines += [f"- {r['tool']} {r['label']}: {r['error']}" for r in errors]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True, help="SmolLM2-135M as an HF folder (see above)")
+    ap.add_argument("--text", type=Path, default=ROOT / "../shared/data/wikitext2_raw_test.txt")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--peer-python", default=None, help="a Python with gptqmodel installed (omit: quantool only)")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--max-tokens", type=int, default=32768)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/quantool-peer"))
+    ap.add_argument("-o", "--out", type=Path, default=ROOT / "reports/smollm2-peer.json")
+    ap.add_argument("--peer-child", help=argparse.SUPPRESS)
+    ap.add_argument("--calib", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.peer_child:
+        args.config, args.out = args.peer_child, Path(args.out)
+        peer_child(args)
+        return
+    import torch
+    import transformers
+
+    args.model, args.work, args.text = args.model.resolve(), args.work.resolve(), args.text.resolve()
+    args.work.mkdir(parents=True, exist_ok=True)
+    calib, evaluation = split_text(args.text, args.work)
+    evaluate_ = functools.partial(evaluate, eval_text=evaluation, ctx=args.ctx, max_tokens=args.max_tokens)
+    runs = []
+    env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2")
+    peer_version = None
+    if args.peer_python:
+        peer_version = subprocess.run([args.peer_python, "-c", "import importlib.metadata as m; print(m.version('gptqmodel'))"],
+                                      capture_output=True, text=True, check=True).stdout.strip()
+    data = {"date": time.strftime("%Y-%m-%d"), "command": "python tools/peer_benchmark.py " + " ".join(sys.argv[1:]),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                        "transformers": transformers.__version__},
+            "peer_version": peer_version, "text": args.text.name, "nsamples": args.nsamples, "seqlen": args.seqlen,
+            "seed": args.seed, "ctx": args.ctx, "max_tokens": args.max_tokens, "fp16_ppl": evaluate_(args.model), "runs": runs}
+    for name in args.configs.split(","):
+        method, bits, group = CONFIGS[name]
+        rtn_label = f"rtn w{bits} g{group}"
+        label = f"{method} w{bits} g{group}"
+        jobs = []
+        if rtn_label not in {r["label"] for r in runs}:
+            rtn_cmd = ["quantool", "rtn", str(args.model), "-o", str(args.work / rtn_label.replace(" ", "-")),
+                       "--bits", str(bits), "--group-size", str(group), "--device", "cpu"]
+            jobs.append(("quantool", rtn_label, rtn_cmd, None))
+        out = args.work / f"quantool-{name}"
+        jobs.append(("quantool", label, quantool_cmd(args, name, calib, out), None))
+        if args.peer_python:
+            peer_cmd = [args.peer_python, str(Path(__file__).resolve()), "--model", str(args.model), "--peer-child", name, "--calib", str(calib),
+                        "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
+                        "-o", str(args.work / f"gptqmodel-{name}")]
+            jobs.append((f"GPT-QModel {peer_version}", label, peer_cmd, env))
+        for tool, lab, cmd, child_env in jobs:
+            path = Path(cmd[cmd.index("-o") + 1])
+            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path.with_name(path.name + ".partial"), ignore_errors=True)
+            log = args.work / f"{path.name}.log"
+            res = run_child(cmd, log, child_env)
+            row = {"label": lab, "tool": tool, "rtn_label": rtn_label, **res}
+            if res["exit"]:
+                row["error"] = (log.read_text().strip().splitlines() or ["(no output)"])[-1][:300]
+            else:
+                row["ppl"] = evaluate_(path)
+            runs.append(row)
+            args.out.write_text(json.dumps(data, indent=2) + "\n")  # after every run: a cut-short run keeps its rows
+            print(f"{tool} {lab}: {row.get('ppl', row.get('error'))}, {res['seconds']:.0f} s, "
+                  f"{res['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr)
+    args.out.with_suffix(".md").write_text(markdown(data))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
