@@ -158,6 +158,15 @@ def _outside(model: nn.Module, layers_prefix: str) -> list[str]:
     return [k for k in model.state_dict() if not k.startswith(layers_prefix + ".") and k not in head_keys]
 
 
+def _stored_outside(model: nn.Module, layers_prefix: str) -> Callable[[str], bool]:
+    """Whether a checkpoint tensor lies outside the decoder layers and is written as is (a tied head's weight
+    is the embedding's, so it is not written twice)."""
+    head = model.get_output_embeddings()
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    head_weight = next((f"{n}.weight" for n, m in model.named_modules() if m is head), None) if tied and head else None
+    return lambda name: not name.startswith(layers_prefix + ".") and name != head_weight
+
+
 class StreamedWeights:
     """A skeleton's modules filled from the source's shards on use, and emptied after."""
 
@@ -190,12 +199,8 @@ class StreamedWeights:
 
     def stored_outside(self, layers_prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
         """The checkpoint's tensors outside the decoder layers, one at a time, as stored."""
-        tied = getattr(self.model.config, "tie_word_embeddings", False)
-        head = self.model.get_output_embeddings()
-        head_name = next((n for n, m in self.model.named_modules() if m is head), None)
-        for name in self.source.files:
-            if name.startswith(layers_prefix + ".") or (tied and head_name and name == f"{head_name}.weight"):
-                continue
+        outside = _stored_outside(self.model, layers_prefix)
+        for name in filter(outside, self.source.files):
             yield name, self.source.read([name])[name]
 
 
@@ -223,13 +228,8 @@ class LoadedWeights:
         return _outside(self.model, layers_prefix)
 
     def stored_outside(self, layers_prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-        tied = getattr(self.model.config, "tie_word_embeddings", False)
-        head = self.model.get_output_embeddings()
-        head_name = next((n for n, m in self.model.named_modules() if m is head), None)
-        for name, t in self.model.state_dict().items():
-            if name.startswith(layers_prefix + ".") or (tied and head_name and name == f"{head_name}.weight"):
-                continue
-            yield name, t
+        outside = _stored_outside(self.model, layers_prefix)
+        yield from ((name, t) for name, t in self.model.state_dict().items() if outside(name))
 
 
 def open_weights(source: ModelSource, dtype: torch.dtype, device: torch.device, log: Callable[[str], None]):

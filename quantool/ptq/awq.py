@@ -63,8 +63,9 @@ def quantize_layer(layer, lmap: LayerMap, x, kwargs, spec: QuantSpec, cfg, devic
         qw = QuantizedWeight(q.cpu(), scale.cpu(), zero.cpu(), group_index(w.shape[1], spec.group_size_for(w.shape[1])), bias_of(mod))
         H = Hessian(w.shape[1], w.device)
         H.add(x_in[:: max(1, x_in.shape[0] // 4096)])
-        report.errors[name] = relative_error(mod.weight.data.float(), qw.dequantize().to(w.device), H.H)
-        set_weight(mod, qw.dequantize())
+        wq = qw.dequantize().to(w.device)
+        report.errors[name] = relative_error(mod.weight.data.float(), wq, H.H)
+        set_weight(mod, wq)
         results[name] = qw
     return results, report, y
 
