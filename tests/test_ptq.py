@@ -42,8 +42,8 @@ def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-CONFIGS = [("rtn", 4, {}), ("gptq", 4, {"order": "act"}), ("gptq", 3, {}), ("gptq", 4, {"sym": False, "order": "group"}),
-           ("awq", 4, {}), ("awq", 3, {})]
+CONFIGS = [("rtn", 4, {}), ("gptq", 4, {"order": "act"}), ("gptq", 3, {}), ("gptq", 3, {"mse": True, "sym": False}),
+           ("gptq", 4, {"sym": False, "order": "group"}), ("awq", 4, {}), ("awq", 3, {})]
 
 
 @pytest.mark.parametrize("method,bits,extra", CONFIGS)

@@ -1,14 +1,16 @@
 """Pure quantization math against plain references."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from quantool.formats.bits import pack_awq, pack_cols, pack_rows, unpack_awq, unpack_cols, unpack_rows
 from quantool.formats.qlinear import QuantLinear
-from quantool.quant.awq_clip import apply_clip, search_clip
+from quantool.quant.awq_clip import apply_clip, group_gram, group_output_error, search_clip
 from quantool.quant.awq_scale import activation_scale, search_scale
 from quantool.quant.gptq import CholeskyError, Hessian, gptq_quantize
-from quantool.quant.quantizer import QuantSpec, dequantize_groups, fake_quantize, group_index, qparams, quantize_groups
+from quantool.quant.quantizer import QuantSpec, dequantize_groups, fake_quantize, group_index, pad_to_groups, qparams, quantize_groups
 from quantool.quant.quantizer import round_trip as rtn
 
 
@@ -35,6 +37,33 @@ def test_rtn_error_bounded_by_the_step(bits, sym):
     # rounded zero point) can clamp an extreme value by up to one step
     assert torch.all(err <= step * (1 + 1e-3) + 1e-6)
     assert (err / step).mean() < 0.3
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_mse_range_is_the_least_error_shrink(sym):
+    """qparams with mse: per row, the shrink p in 1, 0.99, ..., 0.21 with the least sum |Q(w) - w|^2.4, found here
+    by a plain float64 loop over rows and steps; never worse than min-max (p = 1)."""
+    torch.manual_seed(7)
+    w = torch.randn(12, 64)
+    w[0, 3], w[5, 9] = 9.0, -7.0  # outliers worth clipping at 3 bits
+    spec = QuantSpec(3, 64, sym)
+    scale, zero = qparams(w, replace(spec, mse=True))
+    for r in range(12):
+        row = w[r].double()
+        lo, hi = min(row.min().item(), 0.0), max(row.max().item(), 0.0)
+        if sym:
+            hi = max(-lo, hi)
+            lo = -hi
+        errs = []
+        for i in range(80):
+            s = (hi - lo) * (1 - i / 100) / spec.maxq
+            z = 4.0 if sym else round(-lo * (1 - i / 100) / s)
+            q = torch.clamp(torch.round(row / s) + z, 0, spec.maxq)
+            errs.append(((s * (q - z) - row).abs() ** 2.4).sum().item())
+        best = min(range(80), key=errs.__getitem__)
+        assert scale[r].item() == pytest.approx((hi - lo) * (1 - best / 100) / spec.maxq, rel=1e-5)
+        assert errs[best] <= errs[0]
+    assert not torch.equal(scale, qparams(w, spec)[0])  # the outlier rows do shrink
 
 
 def reference_gptq(W, H, spec, percdamp=0.01, order=None):
@@ -155,6 +184,32 @@ def test_awq_clip_never_hurts():
     clipped = apply_clip(W, search_clip(W, x, spec), spec)
     err = lambda w: ((x @ (rtn(w, spec) - W).t()) ** 2).mean()  # noqa: E731
     assert err(clipped) <= err(W)
+
+
+def test_awq_clip_gram_error_matches_per_token_products():
+    """The Gram form d^T G d equals llm-awq's mean over tokens of (x_g . d_g)^2, computed directly in float64."""
+    torch.manual_seed(5)
+    x, d = correlated_inputs(300, 80), torch.randn(16, 80)  # 80 = one group of 64 and a partial one of 16
+    direct = torch.stack([(x[:, j:j + 64].double() @ d[:, j:j + 64].double().t()).pow(2).mean(dim=0)
+                          for j in (0, 64)], dim=1)
+    fast = group_output_error(pad_to_groups(d, 64), group_gram(x, 64))
+    assert torch.allclose(fast.double(), direct, rtol=1e-5)
+
+
+def test_awq_clip_picks_the_reference_minimum():
+    """search_clip's choice scores the best of the 10 shrink steps under the plain per-token objective."""
+    torch.manual_seed(6)
+    x, W = correlated_inputs(256, 96), torch.randn(24, 96)
+    spec = QuantSpec(3, 32, False)
+    xg = x.double().reshape(256, 3, 32)
+
+    def per_token_error(w):
+        return (torch.einsum("tjg,rjg->trj", xg, (rtn(w, spec) - W).double().reshape(24, 3, 32)) ** 2).mean(dim=0)
+
+    org = W.abs().reshape(24, 3, 32).amax(dim=-1)
+    steps = torch.stack([per_token_error(apply_clip(W, org * (1 - k / 20), spec)) for k in range(10)])
+    chosen = per_token_error(apply_clip(W, search_clip(W, x, spec), spec))
+    assert torch.allclose(chosen, steps.min(dim=0).values, rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("bits,n", [(2, 48), (3, 64), (4, 40), (4, 48), (8, 44)])

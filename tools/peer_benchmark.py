@@ -21,6 +21,7 @@ import functools
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def quantool_cmd(args, name: str, calib: Path, out: Path) -> list[str]:
     method, bits, group = CONFIGS[name]
     return ["quantool", method, str(args.model), "-o", str(out), "--bits", str(bits), "--group-size", str(group),
             "--calib", str(calib), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed",
-            str(args.seed), "--device", "cpu"]
+            str(args.seed), "--device", "cpu", *shlex.split(args.quantool_args)]
 
 
 def evaluate(path: Path, eval_text: Path, ctx: int, max_tokens: int) -> float:
@@ -127,6 +128,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True, help="SmolLM2-135M as an HF folder (see above)")
     ap.add_argument("--text", type=Path, default=ROOT / "../shared/data/wikitext2_raw_test.txt")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--quantool-args", default="", help="extra options for quantool's GPTQ/AWQ runs, e.g. --quantool-args=--mse")
     ap.add_argument("--peer-python", default=None, help="a Python with gptqmodel installed (omit: quantool only)")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)

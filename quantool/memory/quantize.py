@@ -9,7 +9,8 @@ work, whatever the depth. Each term below follows the code that allocates it:
   linear, the damped copy factorized in place and H^-1's factor ([in, in] fp32 each; quant.gptq
   `_inverse_cholesky`) with four fp32 [out, in] working copies (W, Q, the dequantized result, the codes);
 - RTN: four fp32 [out, in] copies while one linear is rounded and dequantized (quant.quantizer);
-- AWQ: the recorded inputs of every linear (fp32) for at most `awq_search_tokens` tokens;
+- AWQ: the recorded inputs of every linear (fp32) for at most `awq_search_tokens` tokens, and the clip
+  search's working copies of the widest linear (quant.awq_clip; its per-group Gram matrices are small);
 - the layer's finished codes (uint8, host) until the layer is written;
 - GPTQ: the MLP's inputs, recorded during the gate/up stage so the down_proj stage skips attention.
 On the host add the Python, torch and transformers runtime (measured below).
@@ -22,6 +23,7 @@ from quantool.memory.shapes import ModelShape
 RUNTIME_BYTES = 389 * 2**20  # VmHWM after importing quantool, torch 2.13 and transformers 5 (CPU, this project's CI image)
 CHUNK_TOKENS = 4096  # quantool.model.layerwise: tokens per forward call
 AWQ_SEARCH_TOKENS = 8192  # quantool.ptq.config.PTQConfig.awq_search_tokens' default
+AWQ_CLIP_COPIES = 7.2  # peak of search_clip + apply_clip in [out, in] fp32 copies, measured (VmHWM) on 4096 x 11008
 
 
 def calibration_tokens(ptq: str, nsamples: int, seq: int) -> int:
@@ -48,8 +50,9 @@ def layer_work(shape: ModelShape, ptq: str, tokens: int, seq: int, dtype_bytes: 
         moments = [{**forward, "GPTQ: the stage's Hessian (fp32)": hessian},
                    {"GPTQ: Hessian, its factor and H^-1 (fp32)": solve[0], "GPTQ: working copies of one linear (fp32)": solve[1]}]
     elif ptq == "awq":
-        moments = [{**forward, "AWQ: recorded inputs of every linear (fp32)": tokens * 4 * sum(i for i, _ in lin.values()),
-                    "AWQ: scale-search block outputs (fp32)": 2 * tokens * 4 * h}]
+        inputs = {"AWQ: recorded inputs of every linear (fp32)": tokens * 4 * sum(i for i, _ in lin.values())}
+        moments = [{**forward, **inputs, "AWQ: scale-search block outputs (fp32)": 2 * tokens * 4 * h},
+                   {**inputs, "AWQ: clip search on the widest linear (fp32)": AWQ_CLIP_COPIES * 4 * max(i * o for i, o in lin.values())}]
     else:
         moments = [{"RTN: working copies of one linear (fp32)": 4 * 4 * max(i * o for i, o in lin.values())}]
     return {**weights, **max(moments, key=lambda m: sum(m.values()))}

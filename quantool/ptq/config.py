@@ -3,7 +3,7 @@ options are generated (each field's metadata holds its flag and help), so defaul
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from quantool.errors import QuantoolError
 from quantool.formats import LAYOUTS
@@ -33,6 +33,8 @@ class PTQConfig:
     static_groups: bool = _opt(False, "GPTQ with --order act: groups fixed before reordering.")
     true_sequential: bool = _opt(True, "GPTQ: quantize q/k/v, o, gate/up, down in turn, each seeing the quantized ones "
                                  "before it.", flag="--true-sequential/--no-true-sequential")
+    mse: bool = _opt(False, "RTN/GPTQ: each group's range by least rounding error (|err|^2.4 over 80 shrink steps, "
+                     "GPTQ reference's mse option) instead of min-max.")
     damp: float = _opt(0.01, "GPTQ dampening, a fraction of the Hessian's mean diagonal, in (0, 1).")
     duo_scaling: bool = _opt(False, "AWQ: scale by x^a / w^(1-a) instead of x^a.")
     clip: bool = _opt(True, "AWQ: search a clipping range per group.", flag="--clip/--no-clip")
@@ -51,7 +53,7 @@ class PTQConfig:
 
     def spec(self) -> QuantSpec:
         sym = self.sym and self.method != "awq"  # AWQ searches asymmetric (zero-point) groups, as llm-awq
-        return LAYOUTS[self.format].spec(self.bits, self.group_size, sym)
+        return replace(LAYOUTS[self.format].spec(self.bits, self.group_size, sym), mse=self.mse and self.method != "awq")
 
     def validate(self) -> "PTQConfig":
         if self.method not in METHODS:

@@ -23,6 +23,7 @@ class QuantSpec:
     group_size: int = 128  # -1: one group per output row (per channel)
     sym: bool = True
     min_zero: int = 0  # 1 for the GPTQ v1 layout, which stores zero - 1 and cannot hold zero = 0
+    mse: bool = False  # shrink each group's range to the least rounding error instead of min-max (see qparams)
 
     @property
     def maxq(self) -> int:
@@ -68,8 +69,13 @@ class QuantizedWeight:
         return dequantize_groups(self.q, self.scale, self.zero, self.g_idx)
 
 
-def qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max scale and zero per row of w (each row is one group). Returns float scale, float zero."""
+def qparams(w: torch.Tensor, spec: QuantSpec, grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero per row of w (each row is one group). Returns float scale, float zero.
+
+    Min-max by default. With spec.mse, the range [p * min, p * max] for p from 1 down to 1 - max_shrink in
+    steps of 1 / grid that minimizes sum |Q(w) - w|^norm, as GPTQ's reference `Quantizer.find_params(mse=True)`
+    (same grid, shrink and norm): at 3 bits and below a clipped outlier costs less than a coarse grid."""
     wmin = w.min(dim=1).values.clamp(max=0)
     wmax = w.max(dim=1).values.clamp(min=0)
     if spec.sym:
@@ -77,6 +83,23 @@ def qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tenso
         wmin = -wmax
     dead = (wmin == 0) & (wmax == 0)
     wmin, wmax = torch.where(dead, -1.0, wmin), torch.where(dead, 1.0, wmax)
+    if not spec.mse:
+        return _affine(wmin, wmax, spec)
+    shrink = 1 - torch.arange(int(max_shrink * grid), device=w.device, dtype=w.dtype)[:, None] / grid  # [steps, 1]
+    rows = max(1, (1 << 22) // (shrink.shape[0] * w.shape[1]))  # all steps at once, rows in chunks of ~4M elements
+    scale, zero = torch.empty_like(wmin), torch.empty_like(wmin)
+    for r in range(0, w.shape[0], rows):
+        s1, z1 = _affine(shrink * wmin[r:r + rows], shrink * wmax[r:r + rows], spec)  # [steps, rows]
+        wr = w[r:r + rows]
+        err = (dequantize(quantize(wr, s1[..., None], z1[..., None], spec.maxq), s1[..., None], z1[..., None]) - wr
+               ).abs_().pow_(norm).sum(dim=-1)
+        best = err.argmin(dim=0, keepdim=True)  # the first minimum: the widest range among equals, as the reference
+        scale[r:r + rows], zero[r:r + rows] = s1.gather(0, best)[0], z1.gather(0, best)[0]
+    return scale, zero
+
+
+def _affine(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero mapping [wmin, wmax] onto the codes 0..maxq (zero at mid-range when symmetric)."""
     scale = (wmax - wmin) / spec.maxq
     zero = torch.full_like(scale, (spec.maxq + 1) // 2) if spec.sym else torch.round(-wmin / scale).clamp(spec.min_zero, spec.maxq)
     return scale, zero
