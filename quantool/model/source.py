@@ -148,23 +148,26 @@ class ModelSource:
         return out
 
 
+def _head_name(model: nn.Module) -> str | None:
+    """The output head's module name, or None for a model without one."""
+    head = model.get_output_embeddings()
+    return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+
+
 def _outside(model: nn.Module, layers_prefix: str) -> list[str]:
     """State-dict keys outside the decoder layers, without the output head (no layer-by-layer job reads it)."""
-    head = model.get_output_embeddings()
-    head_keys = set()
+    head, head_keys = model.get_output_embeddings(), set()
     if head is not None and head.weight is not model.get_input_embeddings().weight:
-        head_name = next(n for n, m in model.named_modules() if m is head)
-        head_keys = {f"{head_name}.{k}" for k in head.state_dict()}
+        head_keys = {f"{_head_name(model)}.{k}" for k in head.state_dict()}
     return [k for k in model.state_dict() if not k.startswith(layers_prefix + ".") and k not in head_keys]
 
 
 def _stored_outside(model: nn.Module, layers_prefix: str) -> Callable[[str], bool]:
     """Whether a checkpoint tensor lies outside the decoder layers and is written as is (a tied head's weight
     is the embedding's, so it is not written twice)."""
-    head = model.get_output_embeddings()
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    head_weight = next((f"{n}.weight" for n, m in model.named_modules() if m is head), None) if tied and head else None
-    return lambda name: not name.startswith(layers_prefix + ".") and name != head_weight
+    name = _head_name(model) if getattr(model.config, "tie_word_embeddings", False) else None
+    head_weight = f"{name}.weight" if name else None
+    return lambda key: not key.startswith(layers_prefix + ".") and key != head_weight
 
 
 class StreamedWeights:
