@@ -66,6 +66,17 @@ def test_mse_range_is_the_least_error_shrink(sym):
     assert not torch.equal(scale, qparams(w, spec)[0])  # the outlier rows do shrink
 
 
+def test_mse_range_is_the_same_across_row_chunks():
+    """qparams scores rows in chunks of ~4M elements: 2000 rows (3 chunks at 64 columns) give what 400-row calls give."""
+    torch.manual_seed(0)
+    w = torch.randn(2000, 64)
+    spec = QuantSpec(3, 64, False, mse=True)
+    whole = qparams(w, spec)
+    parts = [qparams(w[r:r + 400], spec) for r in range(0, 2000, 400)]
+    for got, want in zip(whole, zip(*parts)):
+        assert torch.equal(got, torch.cat(want))
+
+
 def reference_gptq(W, H, spec, percdamp=0.01, order=None):
     """Straightforward float64 OBQ-style GPTQ: explicit inverse-Hessian downdates, one column at a time, in the
     given column order; each group's parameters come from its columns when its first one comes up."""

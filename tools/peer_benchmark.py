@@ -8,9 +8,10 @@ The text (WikiText-2 test by default) is cut at the newline nearest its middle c
 is the calibration text of both tools, which draw the same windows from it (quantool's seeded disjoint
 windows, handed to GPT-QModel as token ids); perplexity is measured on the tokens of the second half
 only, so calibration and evaluation never share a token. Every quantization runs as its own process,
-timed by wall clock, with peak RSS from the kernel (wait4's ru_maxrss). Both tools use their own
-default damping and ordering (quantool: group-aware order, damp 0.01; GPT-QModel 7.6: group-aware
-reordering, damp 0.05); bits, group, symmetry, act-order (off), samples, length and seed are the same.
+timed by wall clock, with peak RSS from the kernel (wait4's ru_maxrss, taken by a small launcher process:
+see run_child). Both tools use their own defaults for what the settings leave open (quantool: group-aware
+order, damp 0.01, least-error group ranges; GPT-QModel 7.6: group-aware reordering, damp 0.05); bits, group,
+symmetry, act-order (off), samples, length and seed are the same.
 Writes reports/smollm2-peer.json and .md.
 """
 
@@ -44,13 +45,25 @@ def split_text(path: Path, work: Path) -> tuple[Path, Path]:
 
 
 def run_child(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Exit status, wall seconds and peak RSS of one command, run in the log's folder (GPT-QModel writes logs/ there)."""
+    """Exit status, wall seconds and peak RSS of one command, run in the log's folder (GPT-QModel writes logs/ there).
+
+    The command is started by a small launcher process (`--rusage`), not by this one: Linux carries the RSS
+    high-water mark of the forking process across exec into the child's ru_maxrss, so a child forked from
+    this process (gigabytes after an evaluation) would report at least this process's peak."""
     start = time.perf_counter()
+    rusage = log.with_suffix(".rusage")
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
-        _, status, usage = os.wait4(proc.pid, 0)
-    return {"exit": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - start,
-            "peak_rss_bytes": usage.ru_maxrss * 1024}
+        status = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rusage", str(rusage), "--", *cmd],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent).returncode
+    return {"exit": status, "seconds": time.perf_counter() - start, "peak_rss_bytes": int(rusage.read_text())}
+
+
+def rusage_launcher(out: Path, cmd: list[str]) -> int:
+    """Runs cmd, writes its peak RSS in bytes (wait4's ru_maxrss) to out; returns its exit status."""
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    out.write_text(str(usage.ru_maxrss * 1024))
+    return os.waitstatus_to_exitcode(status)
 
 
 def peer_child(args) -> None:
@@ -101,7 +114,10 @@ def markdown(data: dict) -> str:
              f"{data['nsamples']} x {data['seqlen']} tokens, seed {data['seed']}, drawn by both tools as the same windows "
              f"from the first half of {data['text']} (cut at a newline near its middle character). Evaluation: perplexity "
              f"at context {data['ctx']} on the first {data['max_tokens']} tokens of the second half, so calibration and "
-             f"evaluation share no token. Every checkpoint, whoever wrote it, is loaded and evaluated by the same code.", "",
+             f"evaluation share no token. Every checkpoint, whoever wrote it, is loaded and evaluated by the same code. "
+             f"GPTQ: symmetric, no act-order; otherwise each tool at its defaults (quantool: group-aware order, damp "
+             f"0.01, least-error group ranges; GPT-QModel: group-aware reordering, damp 0.05). Wall time and peak RSS "
+             f"(wait4's ru_maxrss) are of each quantization process, from this one run.", "",
              f"fp16: ppl {base:.2f}. Recovered = the share of RTN's perplexity increase that the method removes.", "",
              "| checkpoint | tool | ppl | Δppl vs fp16 | recovered | wall time | peak RSS | time ours/peer | RSS ours/peer |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -124,6 +140,8 @@ def markdown(data: dict) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--rusage"]:
+        sys.exit(rusage_launcher(Path(sys.argv[2]), sys.argv[4:]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True, help="SmolLM2-135M as an HF folder (see above)")
     ap.add_argument("--text", type=Path, default=ROOT / "../shared/data/wikitext2_raw_test.txt")

@@ -33,8 +33,9 @@ class PTQConfig:
     static_groups: bool = _opt(False, "GPTQ with --order act: groups fixed before reordering.")
     true_sequential: bool = _opt(True, "GPTQ: quantize q/k/v, o, gate/up, down in turn, each seeing the quantized ones "
                                  "before it.", flag="--true-sequential/--no-true-sequential")
-    mse: bool = _opt(False, "RTN/GPTQ: each group's range by least rounding error (|err|^2.4 over 80 shrink steps, "
-                     "GPTQ reference's mse option) instead of min-max.")
+    mse: bool | None = _opt(None, "RTN/GPTQ: each group's range by least rounding error (|err|^2.4 over 80 shrink "
+                            "steps, GPTQ reference's mse option) instead of min-max. Default: on for gptq, off for rtn "
+                            "(RTN stays the plain min-max baseline).", flag="--mse/--no-mse")
     damp: float = _opt(0.01, "GPTQ dampening, a fraction of the Hessian's mean diagonal, in (0, 1).")
     duo_scaling: bool = _opt(False, "AWQ: scale by x^a / w^(1-a) instead of x^a.")
     clip: bool = _opt(True, "AWQ: search a clipping range per group.", flag="--clip/--no-clip")
@@ -53,12 +54,14 @@ class PTQConfig:
 
     def spec(self) -> QuantSpec:
         sym = self.sym and self.method != "awq"  # AWQ searches asymmetric (zero-point) groups, as llm-awq
-        return replace(LAYOUTS[self.format].spec(self.bits, self.group_size, sym), mse=self.mse and self.method != "awq")
+        mse = self.method == "gptq" if self.mse is None else self.mse and self.method != "awq"
+        return replace(LAYOUTS[self.format].spec(self.bits, self.group_size, sym), mse=mse)
 
     def validate(self) -> "PTQConfig":
         if self.method not in METHODS:
             raise QuantoolError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.method in LAYERWISE:
+            self.mse = self.spec().mse  # the method's default, resolved, so quantool.json records what ran
             self.spec().validate((3, 4) if self.method == "awq" else (2, 3, 4, 8))
         if self.nsamples < 1 or self.seqlen < 8:
             raise QuantoolError("--nsamples must be >= 1 and --seqlen >= 8")

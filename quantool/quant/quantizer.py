@@ -90,12 +90,15 @@ def qparams(w: torch.Tensor, spec: QuantSpec, grid: int = 100, max_shrink: float
     scale, zero = torch.empty_like(wmin), torch.empty_like(wmin)
     for r in range(0, w.shape[0], rows):
         s1, z1 = _affine(shrink * wmin[r:r + rows], shrink * wmax[r:r + rows], spec)  # [steps, rows]
-        wr = w[r:r + rows]
-        err = (dequantize(quantize(wr, s1[..., None], z1[..., None], spec.maxq), s1[..., None], z1[..., None]) - wr
-               ).abs_().pow_(norm).sum(dim=-1)
+        err = _rounding_error(w[r:r + rows], s1[..., None], z1[..., None], spec.maxq).pow_(norm).sum(dim=-1)
         best = err.argmin(dim=0, keepdim=True)  # the first minimum: the widest range among equals, as the reference
         scale[r:r + rows], zero[r:r + rows] = s1.gather(0, best)[0], z1.gather(0, best)[0]
     return scale, zero
+
+
+def _rounding_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """|dequantize(quantize(w)) - w|, the same operations in place on one buffer (the grid search's hot loop)."""
+    return (w / scale).round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale).sub_(w).abs_()
 
 
 def _affine(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
