@@ -8,8 +8,8 @@ The text (WikiText-2 test by default) is cut at the newline nearest its middle c
 is the calibration text of both tools, which draw the same windows from it (quantool's seeded disjoint
 windows, handed to GPT-QModel as token ids); perplexity is measured on the tokens of the second half
 only, so calibration and evaluation never share a token. Every quantization runs as its own process,
-timed by wall clock, with peak RSS from the kernel (wait4's ru_maxrss, taken by a small launcher process:
-see run_child). Both tools use their own defaults for what the settings leave open (quantool: group-aware
+timed by wall clock, with peak RSS from the kernel (wait4's ru_maxrss, through tools/child_rusage.py's
+launcher). Both tools use their own defaults for what the settings leave open (quantool: group-aware
 order, damp 0.01, least-error group ranges; GPT-QModel 7.6: group-aware reordering, damp 0.05); bits, group,
 symmetry, act-order (off), samples, length and seed are the same.
 Writes reports/smollm2-peer.json and .md.
@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from child_rusage import measure
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"gptq-w4g64": ("gptq", 4, 64), "gptq-w4g128": ("gptq", 4, 128), "gptq-w3g64": ("gptq", 3, 64),
            "awq-w4g64": ("awq", 4, 64)}
@@ -42,28 +44,6 @@ def split_text(path: Path, work: Path) -> tuple[Path, Path]:
     calib.write_text(text[:cut])
     evaluation.write_text(text[cut:])
     return calib, evaluation
-
-
-def run_child(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Exit status, wall seconds and peak RSS of one command, run in the log's folder (GPT-QModel writes logs/ there).
-
-    The command is started by a small launcher process (`--rusage`), not by this one: Linux carries the RSS
-    high-water mark of the forking process across exec into the child's ru_maxrss, so a child forked from
-    this process (gigabytes after an evaluation) would report at least this process's peak."""
-    start = time.perf_counter()
-    rusage = log.with_suffix(".rusage")
-    with open(log, "w") as out:
-        status = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rusage", str(rusage), "--", *cmd],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent).returncode
-    return {"exit": status, "seconds": time.perf_counter() - start, "peak_rss_bytes": int(rusage.read_text())}
-
-
-def rusage_launcher(out: Path, cmd: list[str]) -> int:
-    """Runs cmd, writes its peak RSS in bytes (wait4's ru_maxrss) to out; returns its exit status."""
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    out.write_text(str(usage.ru_maxrss * 1024))
-    return os.waitstatus_to_exitcode(status)
 
 
 def peer_child(args) -> None:
@@ -140,8 +120,6 @@ def markdown(data: dict) -> str:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--rusage"]:
-        sys.exit(rusage_launcher(Path(sys.argv[2]), sys.argv[4:]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True, help="SmolLM2-135M as an HF folder (see above)")
     ap.add_argument("--text", type=Path, default=ROOT / "../shared/data/wikitext2_raw_test.txt")
@@ -201,7 +179,7 @@ def main() -> None:
             shutil.rmtree(path, ignore_errors=True)
             shutil.rmtree(path.with_name(path.name + ".partial"), ignore_errors=True)
             log = args.work / f"{path.name}.log"
-            res = run_child(cmd, log, child_env)
+            res = measure(cmd, log, child_env)
             row = {"label": lab, "tool": tool, "rtn_label": rtn_label, **res}
             if res["exit"]:
                 row["error"] = (log.read_text().strip().splitlines() or ["(no output)"])[-1][:300]

@@ -4,7 +4,7 @@
 
 For each depth it writes a Llama-2-7B-shaped random fp16 model (tools/make_random_llama.py), runs
 `quantool rtn` and `quantool gptq --nsamples 16` on it as child processes, and takes each child's peak
-RSS from the kernel (wait4's ru_maxrss, which counts everything the process ever had resident). Writes
+RSS from the kernel (wait4's ru_maxrss, through tools/child_rusage.py's launcher). Writes
 reports/streaming-memory.json and .md. Models it wrote are deleted at the end unless --keep-models.
 """
 
@@ -22,18 +22,10 @@ from pathlib import Path
 
 import torch
 import transformers
+from child_rusage import measure
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"rtn": ["rtn"], "gptq": ["gptq", "--nsamples", "16"]}
-
-
-def run_child(cmd: list[str], log: Path) -> tuple[int, float, int]:
-    """(exit status, wall seconds, peak RSS bytes) of one command."""
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    return os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss * 1024
 
 
 def machine() -> dict:
@@ -95,7 +87,8 @@ def main() -> None:
             model, out = args.work / f"llama7b-{layers}", args.work / f"{method}-{layers}"
             shutil.rmtree(out, ignore_errors=True)
             cmd = ["quantool", RUNS[method][0], str(model), "-o", str(out), "--calib", str(args.calib), *RUNS[method][1:]]
-            code, seconds, peak = run_child(cmd, args.work / f"{method}-{layers}.log")
+            res = measure(cmd, args.work / f"{method}-{layers}.log")
+            code, seconds, peak = res["exit"], res["seconds"], res["peak_rss_bytes"]
             if code:
                 sys.exit(f"quantool {method} on {model} failed (exit {code}): see {args.work}/{method}-{layers}.log")
             data["runs"].append({"method": method, "layers": layers, "peak_rss_bytes": peak, "seconds": seconds,
