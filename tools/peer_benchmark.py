@@ -96,7 +96,8 @@ def markdown(data: dict) -> str:
              f"at context {data['ctx']} on the first {data['max_tokens']} tokens of the second half, so calibration and "
              f"evaluation share no token. Every checkpoint, whoever wrote it, is loaded and evaluated by the same code. "
              f"GPTQ: symmetric, no act-order; otherwise each tool at its defaults (quantool: group-aware order, damp "
-             f"0.01, least-error group ranges; GPT-QModel: group-aware reordering, damp 0.05). Wall time and peak RSS "
+             f"0.01, least-error group ranges{', then ' + data['quantool_args'] if data.get('quantool_args') else ''}; "
+             f"GPT-QModel: group-aware reordering, damp 0.05). Wall time and peak RSS "
              f"(wait4's ru_maxrss) are of each quantization process, from this one run.", "",
              f"fp16: ppl {base:.2f}. Recovered = the share of RTN's perplexity increase that the method removes.", "",
              "| checkpoint | tool | ppl | Δppl vs fp16 | recovered | wall time | peak RSS | time ours/peer | RSS ours/peer |",
@@ -124,7 +125,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True, help="SmolLM2-135M as an HF folder (see above)")
     ap.add_argument("--text", type=Path, default=ROOT / "../shared/data/wikitext2_raw_test.txt")
     ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--quantool-args", default="", help="extra options for quantool's GPTQ/AWQ runs, e.g. --quantool-args=--mse")
+    ap.add_argument("--quantool-args", default="", help="extra options for quantool's GPTQ/AWQ runs, e.g. --quantool-args=--no-mse")
     ap.add_argument("--peer-python", default=None, help="a Python with gptqmodel installed (omit: quantool only)")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -154,6 +155,7 @@ def main() -> None:
         peer_version = subprocess.run([args.peer_python, "-c", "import importlib.metadata as m; print(m.version('gptqmodel'))"],
                                       capture_output=True, text=True, check=True).stdout.strip()
     data = {"date": time.strftime("%Y-%m-%d"), "command": "python tools/peer_benchmark.py " + " ".join(sys.argv[1:]),
+            "quantool_args": args.quantool_args,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                         "transformers": transformers.__version__},
             "peer_version": peer_version, "text": args.text.name, "nsamples": args.nsamples, "seqlen": args.seqlen,

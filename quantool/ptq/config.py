@@ -61,8 +61,9 @@ class PTQConfig:
         if self.method not in METHODS:
             raise QuantoolError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.method in LAYERWISE:
-            self.mse = self.spec().mse  # the method's default, resolved, so quantool.json records what ran
-            self.spec().validate((3, 4) if self.method == "awq" else (2, 3, 4, 8))
+            spec = self.spec()
+            self.mse = spec.mse  # the method's default, resolved, so quantool.json records what ran
+            spec.validate((3, 4) if self.method == "awq" else (2, 3, 4, 8))
         if self.nsamples < 1 or self.seqlen < 8:
             raise QuantoolError("--nsamples must be >= 1 and --seqlen >= 8")
         if not 0 < self.damp < 1:
