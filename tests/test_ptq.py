@@ -88,6 +88,29 @@ def test_gptq_stage_from_recorded_submodule_inputs_is_exact(tiny_llama, tmp_path
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_gptq_last_pass_replays_finished_attention_exactly(tiny_llama, tmp_path, story_text, monkeypatch):
+    """The layer's last pass replays the attention block's outputs recorded once o_proj was quantized: the
+    checkpoint (and the inputs of the next layer) equal those of a pass that runs everything again."""
+    from quantool.model import layerwise
+    from quantool.ptq import gptq
+
+    cfg = dict(method="gptq", bits=4, group_size=32, calib=calib_file(tmp_path, story_text), nsamples=4, seqlen=64, device="cpu")
+    replayed = []
+    original = layerwise.run_layer
+
+    def spy(layer, *args, replay=None, **kw):
+        replayed.append([(type(m).__name__, len(calls)) for m, calls in (replay or {}).items()])
+        return original(layer, *args, replay=replay, **kw)
+
+    monkeypatch.setattr(gptq, "run_layer", spy)
+    quantize_model(str(tiny_llama), tmp_path / "replayed", PTQConfig(**cfg), log=lambda m: None)
+    assert replayed == [[("LlamaAttention", 1)]] * 2  # per layer, one output per chunk of run_layer (one here)
+    monkeypatch.setattr(gptq, "_finished_children", lambda layer, lmap, quantized: [])
+    quantize_model(str(tiny_llama), tmp_path / "recomputed", PTQConfig(**cfg), log=lambda m: None)
+    a, b = tensors_of(tmp_path / "replayed"), tensors_of(tmp_path / "recomputed")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_rtn_matches_the_release_before_streaming(tmp_path):
     """Every tensor equals what the in-memory pipeline of quantool 0.1.0 wrote (hashes in tests/data/rtn_golden.json)."""
     golden = load_json(DATA / "rtn_golden.json")

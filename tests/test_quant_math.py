@@ -129,6 +129,35 @@ def test_gptq_matches_float64_reference(group, cols, order):
     assert ours.scale.shape[0] == -(-cols // spec.group_size_for(cols))
 
 
+def test_hessian_in_blocks_matches_float64():
+    """The upper blocks accumulated over several batches (600 columns: blocks of 256, 256 and 88), mirrored,
+    equal 2/n X^T X."""
+    torch.manual_seed(0)
+    x = correlated_inputs(512, 600)
+    H = Hessian(600)
+    for part in x.split([100, 300, 112]):
+        H.add(part)
+    ref = 2 * x.double().t() @ x.double() / 512
+    assert torch.allclose(H.H.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert torch.equal(H.H[256:, :256], H.H[:256, 256:].t())
+
+
+@pytest.mark.parametrize("mse", [False, True])
+def test_gptq_rows_are_independent(mse):
+    """Linears sharing an input are quantized as one stacked matrix: each row's codes and group parameters are
+    what it gets alone (block updates are products whose rounding may flip a rare code)."""
+    torch.manual_seed(3)
+    x = correlated_inputs(512, 128)
+    H = Hessian(128)
+    H.add(x)
+    W1, W2 = torch.randn(40, 128), torch.randn(24, 128)
+    spec = QuantSpec(4, 32, True, mse=mse)
+    both = gptq_quantize(torch.cat([W1, W2]), H.H, spec)
+    alone = [gptq_quantize(w, H.H, spec) for w in (W1, W2)]
+    assert (both.q == torch.cat([r.q for r in alone])).float().mean() > 0.999
+    assert (both.scale == torch.cat([r.scale for r in alone], dim=1)).float().mean() > 0.99
+
+
 def test_quantize_groups_partial_last_group():
     """56 columns in groups of 16: three full groups and one of 8, each quantized over its own columns."""
     torch.manual_seed(1)

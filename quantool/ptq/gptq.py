@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import torch
+
 from quantool.errors import QuantoolError
-from quantool.model.layerwise import collect_inputs, enclosing, record_call, run_layer
+from quantool.model.layerwise import collect_inputs, enclosing, record_call, record_outputs, run_layer
 from quantool.model.structure import LayerMap
 from quantool.ptq.report import LayerReport, bias_of, relative_error, set_weight
 from quantool.quant.gptq import CholeskyError, Hessian, gptq_quantize
@@ -19,29 +21,52 @@ from quantool.quant.quantizer import QuantizedWeight, QuantSpec
 def quantize_layer(layer, lmap: LayerMap, x, kwargs, spec: QuantSpec, cfg, device):
     results, report = {}, LayerReport()
     stages = [[group] for group in lmap.groups] if cfg.true_sequential else [lmap.groups]
-    start = None
+    start, memo = None, {}
     for k, stage in enumerate(stages):
         first = {group[0]: layer.get_submodule(group[0]) for group in stage}
         hessians = {n: Hessian(m.in_features, device) for n, m in first.items()}
         entry = _next_entry(stage, stages[k + 1] if k + 1 < len(stages) else None)
         calls = {}
-        with record_call(layer.get_submodule(entry), calls, "cpu") if entry else nullcontext():
+        finished = [] if start else [m for m in _finished_children(layer, lmap, results) if m not in memo]
+        with record_call(layer.get_submodule(entry), calls, "cpu") if entry else nullcontext(), \
+                record_outputs(finished, memo):
             collect_inputs(layer, x, kwargs, device, first, lambda n, inp: hessians[n].add(inp), start=start)
         start = (layer.get_submodule(entry), calls["calls"]) if calls.get("calls") else None
         for group in stage:
-            H = hessians[group[0]].H
-            for name in group:
-                mod = layer.get_submodule(name)
-                try:
-                    res = gptq_quantize(mod.weight.data, H, spec, percdamp=cfg.damp, order=cfg.order, static_groups=cfg.static_groups)
-                except CholeskyError as exc:
-                    raise QuantoolError(f"GPTQ failed on {name}: {exc}; try more --nsamples or another --calib text") from None
-                if res.damp != cfg.damp:
-                    report.notes.append(f"{name}: Cholesky failed at damp {cfg.damp:g}, used {res.damp:g}")
-                report.errors[name] = relative_error(mod.weight.data.float(), res.weight, H)
-                set_weight(mod, res.weight)
-                results[name] = QuantizedWeight(res.q.cpu(), res.scale.cpu(), res.zero.cpu(), res.g_idx.cpu(), bias_of(mod))
-    return results, report, run_layer(layer, x, kwargs, device)
+            _quantize_group(layer, group, hessians[group[0]].H, spec, cfg, results, report)
+    start = calls = None  # the recorded calls go before the last pass, whose replayed outputs take their place
+    return results, report, run_layer(layer, x, kwargs, device, replay=memo)
+
+
+def _finished_children(layer, lmap: LayerMap, quantized) -> list:
+    """The layer's direct submodules whose linears are all quantized already. Stages run in execution order, so
+    their inputs are final too: their outputs in the next full pass are their outputs in the last one (the
+    attention block, once o_proj is done, need not run again to give the layer's outputs)."""
+    inside: dict[str, list[str]] = {}
+    for name in lmap.linears:
+        if "." in name:
+            inside.setdefault(name.split(".", 1)[0], []).append(name)
+    return [layer.get_submodule(c) for c, names in inside.items() if all(n in quantized for n in names)]
+
+
+def _quantize_group(layer, group: list[str], H, spec: QuantSpec, cfg, results: dict, report: LayerReport):
+    """The linears sharing one input as one matrix, their rows stacked: GPTQ treats rows independently given
+    the shared H^-1 and each row's own group ranges, so this equals quantizing them one by one, with one
+    column loop instead of one per linear."""
+    mods = [layer.get_submodule(name) for name in group]
+    W = torch.cat([m.weight.data for m in mods]) if len(mods) > 1 else mods[0].weight.data
+    try:
+        res = gptq_quantize(W, H, spec, percdamp=cfg.damp, order=cfg.order, static_groups=cfg.static_groups)
+    except CholeskyError as exc:
+        raise QuantoolError(f"GPTQ failed on {', '.join(group)}: {exc}; try more --nsamples or another --calib text") from None
+    if res.damp != cfg.damp:
+        report.notes.append(f"{', '.join(group)}: Cholesky failed at damp {cfg.damp:g}, used {res.damp:g}")
+    rows = [m.out_features for m in mods]
+    for name, mod, q, w, scale, zero in zip(group, mods, res.q.split(rows), res.weight.split(rows),
+                                            res.scale.split(rows, dim=1), res.zero.split(rows, dim=1)):
+        report.errors[name] = relative_error(mod.weight.data.float(), w, H)
+        set_weight(mod, w)
+        results[name] = QuantizedWeight(q.cpu(), scale.cpu().contiguous(), zero.cpu().contiguous(), res.g_idx.cpu(), bias_of(mod))
 
 
 def _next_entry(stage: list[list[str]], following: list[list[str]] | None) -> str:
