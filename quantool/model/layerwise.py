@@ -80,13 +80,17 @@ def _replaying(replay: dict[nn.Module, list], device):
         it = iter(calls)
         return lambda *args, **kwargs: to_device(next(it), device)
 
+    own = {module: module.__dict__.get("forward") for module in replay}  # a forward set on the instance (hooks)
     for module, calls in replay.items():
         module.forward = forward(calls)
     try:
         yield
     finally:
-        for module in replay:
-            del module.forward
+        for module, previous in own.items():
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
 
 
 @contextmanager

@@ -51,8 +51,8 @@ def _finished_children(layer, lmap: LayerMap, quantized) -> list:
 
 def _quantize_group(layer, group: list[str], H, spec: QuantSpec, cfg, results: dict, report: LayerReport):
     """The linears sharing one input as one matrix, their rows stacked: GPTQ treats rows independently given
-    the shared H^-1 and each row's own group ranges, so this equals quantizing them one by one, with one
-    column loop instead of one per linear."""
+    the shared H^-1 and each row's own group ranges, so this is quantizing them one by one (up to rounding in
+    the block products), with one column loop instead of one per linear."""
     mods = [layer.get_submodule(name) for name in group]
     W = torch.cat([m.weight.data for m in mods]) if len(mods) > 1 else mods[0].weight.data
     try:
