@@ -106,6 +106,7 @@ def markdown(data: dict, images: dict[str, str]) -> str:
 def plots(data: dict, stem: Path) -> dict[str, Path]:
     """PNG files beside the report; returns {'ppl': path, 'decode': path} for what the data supports."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -123,7 +124,13 @@ def plots(data: dict, stem: Path) -> dict[str, Path]:
             ax.scatter(r["size"] / 2**20, r["ppl"], s=50, marker=markers[i % len(markers)], color=colors[i % len(colors)],
                        label=f"{r['label']}: {r['ppl']:.2f}, {r['size'] / 2**20:.0f} MiB")
         ax.set_xlabel("size on disk (MiB)")
-        ax.set_ylabel("perplexity (per token, lower is better)")
+        ppls = [r["ppl"] for r in pts]
+        log = max(ppls) > 3 * min(ppls)  # one collapsed run (3-bit RTN) would flatten the others into a line
+        if log:
+            ax.set_yscale("log")
+            for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.set_ylabel("perplexity (per token, lower is better" + (", log scale)" if log else ")"))
         ax.set_title("Perplexity vs size")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates the SmolLM2-135M reports from ../shared on CPU: `ptq` (about 30 minutes on 2 cores) and
-# `qat` (several hours on 2 cores: run it on a bigger machine or a GPU with --device cuda).
+# Regenerates the SmolLM2-135M reports from ../shared on CPU: `ptq` (about 65 minutes on 2 cores: 30 to quantize,
+# 35 to evaluate) and `qat` (several hours on 2 cores: run it on a bigger machine or a GPU with --device cuda).
 #   bash tools/make_reports.sh ptq|qat|all
 # Calibration and QAT training use the first 45% of WikiText-2 test's characters (cut at a newline);
 # every perplexity is measured on the last 50% of its tokens, so the two never overlap.
