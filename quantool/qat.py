@@ -171,7 +171,18 @@ def train(model_path: str, out: str | Path, cfg: QATConfig, eval_fn: Callable | 
 
 def _train(model, tok, model_path, out: Path, work: Path, cfg: QATConfig, device, eval_fn, resume, on_step, log) -> dict:
     model.to(device)
-    before = eval_fn(model, tok) if eval_fn else None
+    eval_seconds = 0.0
+
+    def evaluate():
+        nonlocal eval_seconds
+        if eval_fn is None:
+            return None
+        t = time.perf_counter()
+        ppl = eval_fn(model, tok)
+        eval_seconds += time.perf_counter() - t
+        return ppl
+
+    before = evaluate()
     names = attach(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -193,10 +204,11 @@ def _train(model, tok, model_path, out: Path, work: Path, cfg: QATConfig, device
         gen.set_state(state["gen"])
         step, losses = state["step"], state["losses"]
         log(f"resuming at step {step}")
+    start_step = step
     batches = _batches(ids, cfg, gen)
     model.train()
     autocast = device.type == "cuda"
-    t0 = time.perf_counter()
+    t0, eval_seconds = time.perf_counter(), 0.0  # the reported cost: training, conversion, writing
     while step < cfg.steps:
         x = next(batches).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -209,21 +221,22 @@ def _train(model, tok, model_path, out: Path, work: Path, cfg: QATConfig, device
         step += 1
         losses.append(loss.item())
         if on_step:
-            on_step(step, cfg.steps, losses[-1], step * cfg.batch * cfg.seq / (time.perf_counter() - t0))
+            on_step(step, cfg.steps, losses[-1], (step - start_step) * cfg.batch * cfg.seq / (time.perf_counter() - t0))
         if step % cfg.save_every == 0 or step == cfg.steps:
             trainable = {k: v for k, v in model.state_dict().items() if k in {n for n, p in model.named_parameters() if p.requires_grad}}
             torch_save({"config": asdict(cfg), "model": trainable, "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "gen": gen.get_state(), "step": step, "losses": losses}, state_path)
     model.eval()
-    fake_quant_after = eval_fn(model, tok) if eval_fn else None
+    fake_quant_after = evaluate()
     results = convert(model, names)
-    after = eval_fn(model, tok) if eval_fn else None
+    after = evaluate()
     ckpt = work / "checkpoint"
     _write(ckpt, model.to("cpu"), tok, results, cfg, log)
     summary = {"method": "qat", "config": asdict(cfg), "source": str(model_path), "steps": step,
                "loss_first": sum(losses[:10]) / len(losses[:10]), "loss_last": sum(losses[-10:]) / len(losses[-10:]),
                "ppl_before": before, "ppl_fake_quant": fake_quant_after, "ppl_after": after,
-               "seconds": time.perf_counter() - t0}
+               "seconds": time.perf_counter() - t0 - eval_seconds, "device": str(device),
+               "tokens_trained": (step - start_step) * cfg.batch * cfg.seq}
     write_json({"version": __version__, **summary, "config": {**asdict(cfg), "method": "qat"}}, ckpt / "quantool.json")
     workdir.publish(work, out)
     return summary

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates the SmolLM2-135M reports from ../shared on CPU: `ptq` (about 65 minutes on 2 cores: 30 to quantize,
-# 35 to evaluate) and `qat` (several hours on 2 cores: run it on a bigger machine or a GPU with --device cuda).
+# Regenerates the SmolLM2-135M reports from ../shared: `ptq` (about 65 minutes on 2 CPU cores: 30 to quantize,
+# 35 to evaluate) and `qat` (about 15 minutes on one H100, used when CUDA is there; hours on 2 CPU cores).
 #   bash tools/make_reports.sh ptq|qat|all
 # Calibration and QAT training use the first 45% of WikiText-2 test's characters (cut at a newline);
 # every perplexity is measured on the last 50% of its tokens, so the two never overlap.
@@ -37,13 +37,44 @@ ptq() {
 }
 
 qat() {
-  # 4 bits, group size 32, against RTN and GPTQ at the same setting, and the fine-tuning control
+  # 4 bits, group size 32, against RTN and GPTQ at the same setting, and the fine-tuning control.
+  # Learning rates are chosen on a validation slice (tokens 46-50% of the text: after the training text,
+  # before the evaluation half); every run of that sweep is kept in reports/smollm2-qat-lr.json.
   q rtn rtn-w4g32 --bits 4 --group-size 32
   q gptq gptq-w4g32 --bits 4 --group-size 32
   local QAT=(--data "$RUNS/train.txt" --bits 4 --group-size 32 --steps 300 --batch 8 --seq 512)
-  [ -d "$RUNS/qat-w4g32" ] || quantool qat "$MODEL" "${QAT[@]}" --lr 2e-5 -o "$RUNS/qat-w4g32"
-  [ -d "$RUNS/qat-lora16-w4g32" ] || quantool qat "$MODEL" "${QAT[@]}" --lr 5e-4 --lora-rank 16 -o "$RUNS/qat-lora16-w4g32"
-  [ -d "$RUNS/finetune-then-rtn-w4g32" ] || quantool qat "$MODEL" "${QAT[@]}" --lr 2e-5 --no-fake-quant -o "$RUNS/finetune-then-rtn-w4g32"
+  local VAL=(--eval-text "$TEXT" --eval-range 0.46,0.5 --json)
+  mkdir -p "$RUNS/lr"
+  for lr in 1e-5 3e-5; do
+    [ -f "$RUNS/lr/full-$lr.json" ] || { quantool qat "$MODEL" "${QAT[@]}" "${VAL[@]}" --lr $lr -o "$RUNS/lr/full-$lr" --overwrite \
+      > "$RUNS/lr/full-$lr.part" && mv "$RUNS/lr/full-$lr.part" "$RUNS/lr/full-$lr.json"; }
+  done
+  for lr in 5e-4 2e-3; do
+    [ -f "$RUNS/lr/lora16-$lr.json" ] || { quantool qat "$MODEL" "${QAT[@]}" "${VAL[@]}" --lr $lr --lora-rank 16 -o "$RUNS/lr/lora16-$lr" --overwrite \
+      > "$RUNS/lr/lora16-$lr.part" && mv "$RUNS/lr/lora16-$lr.part" "$RUNS/lr/lora16-$lr.json"; }
+  done
+  local FULL LORA
+  read -r FULL LORA < <(python3 - "$RUNS/lr" reports/smollm2-qat-lr.json <<'PY'
+import json, sys
+from pathlib import Path
+runs = {p.stem: json.loads(p.read_text()) for p in sorted(Path(sys.argv[1]).glob("*.json"))}
+rows = [{"run": k, "lr": v["config"]["lr"], "lora_rank": v["config"]["lora_rank"], "device": v["device"],
+         "tokens_trained": v["tokens_trained"], "seconds": round(v["seconds"], 1),
+         "loss_first": v["loss_first"], "loss_last": v["loss_last"], "val_ppl_fp": v["ppl_before"],
+         "val_ppl_fake_quant": v["ppl_fake_quant"], "val_ppl_converted": v["ppl_after"]} for k, v in runs.items()]
+Path(sys.argv[2]).write_text(json.dumps({"validation": "wikitext2_raw_test.txt tokens 0.46-0.50, ctx 2048", "runs": rows}, indent=1) + "\n")
+best = lambda rank: min((r for r in rows if (r["lora_rank"] > 0) == rank), key=lambda r: r["val_ppl_converted"])["run"]
+print(best(False), best(True))
+PY
+)
+  [ -n "$LORA" ] || { echo "no learning rate chosen" >&2; exit 1; }
+  [ -d "$RUNS/qat-w4g32" ] || cp -r "$RUNS/lr/$FULL" "$RUNS/qat-w4g32"
+  [ -d "$RUNS/qat-lora16-w4g32" ] || cp -r "$RUNS/lr/$LORA" "$RUNS/qat-lora16-w4g32"
+  # the control also reports the fine-tuned model's own perplexity before RTN, on the evaluation tokens
+  # (its "ppl_fake_quant": fake quantization is off in this run)
+  [ -d "$RUNS/finetune-then-rtn-w4g32" ] || { quantool qat "$MODEL" "${QAT[@]}" --lr "${FULL#full-}" --no-fake-quant \
+    --eval-text "$TEXT" --eval-range 0.5,1 --eval-tokens 65536 --json -o "$RUNS/finetune-then-rtn-w4g32" \
+    > "$RUNS/control.part" && mv "$RUNS/control.part" reports/smollm2-qat-control.json; }
   quantool bench "$MODEL" "$RUNS"/{rtn,gptq,qat,qat-lora16}-w4g32 "$RUNS/finetune-then-rtn-w4g32" "${EVAL[@]}" -o reports/smollm2-qat.json
   quantool report reports/smollm2-qat.json -o reports/smollm2-qat.md > /dev/null
 }
