@@ -170,6 +170,18 @@ def test_quantize_groups_partial_last_group():
     assert torch.equal(rtn(w, spec), dequantize_groups(q, scale, zero, group_index(56, 16)))
 
 
+@pytest.mark.parametrize("bits,group,sym,mse", [(4, 32, True, False), (4, 16, False, False), (3, 32, False, True),
+                                                (4, -1, True, True), (8, 64, False, False)])
+def test_round_trip_equals_dequantized_codes(bits, group, sym, mse):
+    """round_trip (QAT's and AWQ's fast path) gives bit for bit what the stored codes dequantize to, partial groups too."""
+    torch.manual_seed(2)
+    w = torch.randn(24, 100) * torch.rand(24, 1)
+    w[3] = 0
+    spec = QuantSpec(bits, group, sym, mse=mse)
+    q, scale, zero = quantize_groups(w, spec)
+    assert torch.equal(rtn(w, spec), dequantize_groups(q, scale, zero, group_index(100, spec.group_size_for(100))))
+
+
 def test_gptq_beats_rtn_on_correlated_inputs():
     torch.manual_seed(1)
     x = correlated_inputs()

@@ -156,9 +156,15 @@ def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
 
 
 def round_trip(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Quantize-dequantize (round to nearest) in float32."""
-    in_f = w.shape[1]
-    return dequantize_groups(*quantize_groups(w.float(), spec), group_index(in_f, spec.group_size_for(in_f)).to(w.device))
+    """Quantize-dequantize (round to nearest) in float32: exactly what quantize_groups' codes dequantize to, computed
+    on groups as rows with no code tensor or g_idx gather (SmolLM2's 210 linears at w4 g32 on 2 CPU cores: 1.2 s -> 0.28 s),
+    since QAT runs it on every weight at every step and AWQ's searches at every grid point."""
+    out_f, in_f = w.shape
+    g = spec.group_size_for(in_f)
+    wg = pad_to_groups(w.float(), g).reshape(-1, g)
+    scale, zero = qparams(wg, spec)
+    scale, zero = scale.to(torch.float16).float()[:, None], zero[:, None]
+    return dequantize(quantize(wg, scale, zero, spec.maxq), scale, zero).reshape(out_f, -1)[:, :in_f]
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
