@@ -131,21 +131,25 @@ def pad_to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return F.pad(w, (0, pad)) if pad else w
 
 
+def _groups_as_rows(w: torch.Tensor, spec: QuantSpec, scale_dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [out, in] zero-padded to whole groups, one group per row (row r's groups in order), with each row's
+    scale (rounded to scale_dtype as stored, back in float32) and zero, both [rows, 1]."""
+    g = spec.group_size_for(w.shape[1])
+    wg = pad_to_groups(w.float(), g).reshape(-1, g)
+    scale, zero = qparams(wg, spec)
+    return wg, scale.to(scale_dtype).float()[:, None], zero[:, None]
+
+
 def quantize_groups(w: torch.Tensor, spec: QuantSpec, scale_dtype=torch.float16):
     """RTN over groups. Returns (q [out, in] int, scale [groups, out], zero [groups, out] int).
 
     Scales are rounded to scale_dtype first, so the stored checkpoint dequantizes to exactly these values.
     """
     out_f, in_f = w.shape
-    g = spec.group_size_for(in_f)
-    wp = pad_to_groups(w.float(), g)
-    n = wp.shape[1] // g
-    wg = wp.reshape(out_f, n, g).permute(1, 0, 2).reshape(-1, g)
-    scale, zero = qparams(wg, spec)
-    scale = scale.to(scale_dtype).float()
-    q = quantize(wg, scale[:, None], zero[:, None], spec.maxq)
-    q = q.reshape(n, out_f, g).permute(1, 0, 2).reshape(out_f, n * g)[:, :in_f]
-    return q.to(torch.int32), scale.reshape(n, out_f).to(scale_dtype), zero.reshape(n, out_f).to(torch.int32)
+    wg, scale, zero = _groups_as_rows(w, spec, scale_dtype)
+    q = quantize(wg, scale, zero, spec.maxq).reshape(out_f, -1)[:, :in_f]
+    return (q.to(torch.int32), scale.reshape(out_f, -1).t().contiguous().to(scale_dtype),
+            zero.reshape(out_f, -1).t().contiguous().to(torch.int32))
 
 
 def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
@@ -160,10 +164,7 @@ def round_trip(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     on groups as rows with no code tensor or g_idx gather (SmolLM2's 210 linears at w4 g32 on 2 CPU cores: 1.2 s -> 0.28 s),
     since QAT runs it on every weight at every step and AWQ's searches at every grid point."""
     out_f, in_f = w.shape
-    g = spec.group_size_for(in_f)
-    wg = pad_to_groups(w.float(), g).reshape(-1, g)
-    scale, zero = qparams(wg, spec)
-    scale, zero = scale.to(torch.float16).float()[:, None], zero[:, None]
+    wg, scale, zero = _groups_as_rows(w, spec, torch.float16)
     return dequantize(quantize(wg, scale, zero, spec.maxq), scale, zero).reshape(out_f, -1)[:, :in_f]
 
 
