@@ -171,9 +171,9 @@ def train(model_path: str, out: str | Path, cfg: QATConfig, eval_fn: Callable | 
 
 def _train(model, tok, model_path, out: Path, work: Path, cfg: QATConfig, device, eval_fn, resume, on_step, log) -> dict:
     model.to(device)
-    eval_seconds = 0.0
 
     def evaluate():
+        """Perplexity after training; its time is left out of the reported training cost."""
         nonlocal eval_seconds
         if eval_fn is None:
             return None
@@ -182,7 +182,7 @@ def _train(model, tok, model_path, out: Path, work: Path, cfg: QATConfig, device
         eval_seconds += time.perf_counter() - t
         return ppl
 
-    before = evaluate()
+    before = eval_fn(model, tok) if eval_fn else None
     names = attach(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

@@ -63,6 +63,27 @@ def test_qat_lowers_loss_and_writes_checkpoint(tiny_llama, tmp_path, story_text)
     assert not (tmp_path / "out.partial").exists()
 
 
+def test_qat_summary_evaluates_before_and_after_conversion(tiny_llama, tmp_path, story_text):
+    """The evaluation hook runs before training, on the fake-quantized model and on the converted one; the last
+    two agree (conversion stores what training saw), and the summary counts the tokens trained."""
+    data = tmp_path / "train.txt"
+    data.write_text(story_text[:60000])
+    cfg = QATConfig(data=str(data), bits=4, group_size=32, steps=5, lr=3e-3, batch=2, seq=64, device="cpu")
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def loss(model, tok):
+        with torch.no_grad():
+            seen.append(model(input_ids=ids, labels=ids).loss.item())
+        return seen[-1]
+
+    summary = train(str(tiny_llama), tmp_path / "out", cfg, eval_fn=loss, log=lambda m: None)
+    assert len(seen) == 3 and [summary["ppl_before"], summary["ppl_fake_quant"], summary["ppl_after"]] == seen
+    assert summary["ppl_fake_quant"] == pytest.approx(summary["ppl_after"], rel=1e-5)
+    assert summary["ppl_before"] != summary["ppl_after"]
+    assert summary["tokens_trained"] == 5 * 2 * 64 and summary["seconds"] > 0
+
+
 def test_qat_resume_matches_uninterrupted(tiny_llama, tmp_path, story_text):
     data = tmp_path / "train.txt"
     data.write_text(story_text[:60000])
