@@ -45,14 +45,13 @@ qat() {
   local QAT=(--data "$RUNS/train.txt" --bits 4 --group-size 32 --steps 300 --batch 8 --seq 512)
   local VAL=(--eval-text "$TEXT" --eval-range 0.46,0.5 --json)
   mkdir -p "$RUNS/lr"
-  for lr in 1e-5 3e-5; do
-    [ -f "$RUNS/lr/full-$lr.json" ] || { quantool qat "$MODEL" "${QAT[@]}" "${VAL[@]}" --lr $lr -o "$RUNS/lr/full-$lr" --overwrite \
-      > "$RUNS/lr/full-$lr.part" && mv "$RUNS/lr/full-$lr.part" "$RUNS/lr/full-$lr.json"; }
-  done
-  for lr in 5e-4 2e-3; do
-    [ -f "$RUNS/lr/lora16-$lr.json" ] || { quantool qat "$MODEL" "${QAT[@]}" "${VAL[@]}" --lr $lr --lora-rank 16 -o "$RUNS/lr/lora16-$lr" --overwrite \
-      > "$RUNS/lr/lora16-$lr.part" && mv "$RUNS/lr/lora16-$lr.part" "$RUNS/lr/lora16-$lr.json"; }
-  done
+  sweep() {  # NAME LR [qat options]: one validation run, its summary kept as lr/NAME-LR.json
+    local run="$RUNS/lr/$1-$2"
+    [ -f "$run.json" ] || { quantool qat "$MODEL" "${QAT[@]}" "${VAL[@]}" --lr "$2" "${@:3}" -o "$run" --overwrite \
+      > "$run.part" && mv "$run.part" "$run.json"; }
+  }
+  for lr in 1e-5 3e-5; do sweep full $lr; done
+  for lr in 5e-4 2e-3; do sweep lora16 $lr --lora-rank 16; done
   local FULL LORA
   read -r FULL LORA < <(python3 - "$RUNS/lr" reports/smollm2-qat-lr.json <<'PY'
 import json, sys
