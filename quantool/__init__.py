@@ -1,10 +1,15 @@
 """quantool: will it fit, how do I shrink it, and what did shrinking cost?"""
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
 
 
-def load(path, device="cpu", dtype=None):
-    """Load any checkpoint quantool writes (GPTQ, AWQ, bitsandbytes int8/NF4, fp16) for evaluation."""
+def load(path, device="cpu", dtype=None, kernel: str = "dequant"):
+    """Load any checkpoint quantool writes (GPTQ, AWQ, bitsandbytes int8/NF4, fp16) for evaluation.
+
+    Returns (model, tokenizer): the model in eval mode on `device`; GPTQ/AWQ linears run through quantool's
+    QuantLinear ('dequant', or 'tinygemm' for 4-bit where the shape allows), without GPT-QModel."""
     from quantool.formats.loading import load_model
 
-    return load_model(path, device=device, dtype=dtype)
+    return load_model(path, device=device, dtype=dtype, kernel=kernel)

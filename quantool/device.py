@@ -1,4 +1,9 @@
-"""The compute device a command runs on, and the dtype layer-by-layer work uses there."""
+"""The compute device a command runs on, and the dtypes work uses there."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import torch
 
@@ -17,6 +22,25 @@ def resolve_device(name: str) -> torch.device:
         raise QuantoolError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N") from None
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on CUDA; fp32 on CPUs, where half-precision matmuls crawl."""
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA; fp32 on CPUs, where half-precision matmuls crawl. Layer-by-layer quantization and
+    perplexity use it."""
     return torch.float16 if device.type == "cuda" else torch.float32
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), as /proc/cpuinfo reports."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def speed_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a user would run a model in for speed: fp16 on CUDA; bf16 on a CPU with bf16 units, else fp32
+    (fp16 matmuls on CPUs without fp16 units are emulated and slow, so no speed-up is measured against them)."""
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32

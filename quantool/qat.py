@@ -9,6 +9,7 @@ weight that is finally quantized is exactly what training saw (the idea of QA-Lo
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,39 +19,42 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from quantool import __version__, workdir
-from quantool.atomic import torch_save, write_json
+from quantool import __version__
 from quantool.device import resolve_device
 from quantool.errors import QuantoolError
-from quantool.formats import gptq
-from quantool.formats.checkpoint import checkpoint_tensors, write_configs
+from quantool.formats import LayoutConfig, ModuleQuant, gptq, model_group
+from quantool.formats.checkpoint import checkpoint_tensors, finalize
 from quantool.formats.shards import ShardedWriter
-from quantool.model import calibration
+from quantool import text
 from quantool.model.source import ModelSource
 from quantool.model.structure import decoder_layers
-from quantool.quant.quantizer import QuantizedWeight, QuantSpec, fake_quantize, group_index, quantize_groups
+from quantool.quant.quantizer import QuantizedWeight, QuantSpec, fake_quantize
+from quantool.util import faults, outdir
+from quantool.util.atomic import torch_save
+from quantool.util.config import opt
 
 
 @dataclass
 class QATConfig:
-    data: str = ""
-    bits: int = 4
-    group_size: int = 32
-    sym: bool = True
-    steps: int = 200
-    lr: float | None = None  # default: 1e-4 full, 1e-3 LoRA
-    batch: int = 8
-    seq: int = 256
-    lora_rank: int = 0
-    lora_alpha: float | None = None  # default 2 * rank
-    act_bits: int | None = None
-    weight_decay: float = 0.0
-    warmup: int = 10
-    seed: int = 0
-    save_every: int = 50
-    data_range: tuple[float, float] = (0.0, 1.0)  # fraction of the data file's tokens used for training
-    device: str = "auto"
-    fake_quant: bool = True  # False: the control run, plain fine-tuning then the same final quantization
+    data: str = opt("", "Training text (.txt or .jsonl).", cli=False)
+    bits: int = opt(4, "Bits per weight of the converted checkpoint.")
+    group_size: int = opt(32, "Columns per quantization group.")
+    sym: bool = opt(True, "Symmetric or zero-point quantization.", flag="--sym/--asym")
+    steps: int = opt(200, "Optimizer steps.")
+    lr: float | None = opt(None, "Learning rate (default 1e-4 full, 1e-3 LoRA).", type=float)
+    batch: int = opt(8, "Sequences per step.")
+    seq: int = opt(256, "Tokens per sequence.")
+    lora_rank: int = opt(0, "0: full QAT; R: LoRA-QAT with rank R (base frozen, adapters merged at the end).")
+    lora_alpha: float | None = opt(None, "LoRA alpha (default 2 x rank).", type=float)
+    act_bits: int | None = opt(None, "Also fake-quantize linear inputs per token (8).", type=int)
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    warmup: int = opt(10, "Warm-up steps of the cosine schedule.")
+    seed: int = opt(0, "Seed of the batch sampling and the adapters' initialization.")
+    save_every: int = opt(50, "Save the training state (for --resume) every this many steps.")
+    data_range: tuple[float, float] = opt((0.0, 1.0), "Fractions of --data's tokens to train on, e.g. 0,0.5.")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:1 ...")
+    fake_quant: bool = opt(True, "--no-fake-quant: the control run, the same fine-tuning without fake quantization, "
+                           "then the same final quantization.", flag="--fake-quant/--no-fake-quant")
 
     def spec(self) -> QuantSpec:
         return gptq.spec(self.bits, self.group_size, self.sym)  # the converted checkpoint's layout
@@ -65,6 +69,9 @@ class QATConfig:
             raise QuantoolError("--lora-rank must not be negative (0 = full QAT)")
         if self.lora_alpha is not None and self.lora_rank == 0:
             raise QuantoolError("--lora-alpha needs --lora-rank: full QAT trains every weight and has no adapters")
+        lo, hi = self.data_range
+        if not 0 <= lo < hi <= 1:
+            raise QuantoolError(f"--data-range needs 0 <= start < end <= 1, got {lo},{hi}")
         return self
 
     @property
@@ -110,9 +117,16 @@ class FakeQuantLinear(nn.Module):
         return F.linear(x, w.to(x.dtype), self.bias)
 
 
+def _group(model: nn.Module, cfg: QATConfig) -> int:
+    """The group size the checkpoint's loaders can run for this model's decoder linears (`formats.model_group`)."""
+    shapes = [(m.out_features, m.in_features) for m in decoder_layers(model)[1].modules() if isinstance(m, nn.Linear)]
+    return model_group(gptq, cfg.bits, shapes, cfg.group_size) or cfg.group_size
+
+
 def attach(model: nn.Module, cfg: QATConfig) -> list[str]:
     """Swap every decoder-layer nn.Linear for a FakeQuantLinear; returns their names."""
     prefix, layers = decoder_layers(model)
+    spec = cfg.spec().with_group(_group(model, cfg))
     names = []
     if cfg.lora_rank:
         for p in model.parameters():
@@ -120,7 +134,7 @@ def attach(model: nn.Module, cfg: QATConfig) -> list[str]:
     for i, layer in enumerate(layers):
         for name, mod in list(layer.named_modules()):
             if isinstance(mod, nn.Linear):
-                layer.set_submodule(name, FakeQuantLinear(mod, cfg.spec(), cfg.lora_rank, cfg.lora_alpha, cfg.act_bits, cfg.fake_quant))
+                layer.set_submodule(name, FakeQuantLinear(mod, spec, cfg.lora_rank, cfg.lora_alpha, cfg.act_bits, cfg.fake_quant))
                 names.append(f"{prefix}.{i}.{name}")
     return names
 
@@ -132,9 +146,7 @@ def convert(model: nn.Module, names: list[str]) -> dict[str, QuantizedWeight]:
     for name in names:
         fq = model.get_submodule(name)
         w = fq.merged().detach().float()
-        q, scale, zero = quantize_groups(w, fq.spec)
-        qw = QuantizedWeight(q.cpu(), scale.cpu(), zero.cpu(), group_index(w.shape[1], fq.spec.group_size_for(w.shape[1])),
-                             fq.bias.detach().cpu().half() if fq.bias is not None else None)
+        qw = QuantizedWeight.from_rtn(w, fq.spec, fq.bias.detach().cpu().half() if fq.bias is not None else None)
         lin = nn.Linear(w.shape[1], w.shape[0], bias=fq.bias is not None, device=w.device, dtype=fq.weight.dtype)
         lin.weight.data.copy_(qw.dequantize().to(lin.weight))
         if fq.bias is not None:
@@ -163,13 +175,18 @@ def train(model_path: str, out: str | Path, cfg: QATConfig, eval_fn: Callable | 
     out = Path(out)
     device = resolve_device(cfg.device)
     source = ModelSource(model_path)
+    work, done = outdir.prepare(out, overwrite, resume)
+    if done is not None:  # killed after publishing, while removing the working folder
+        outdir.publish_done(work)
+        return done
     model, tok = source.load_whole(torch.float32), source.tokenizer()
-    work = workdir.prepare(out, overwrite, resume)
-    with workdir.discard_unless_started(work, "train_state.pt"):
-        return _train(model, tok, model_path, out, work, cfg, device, eval_fn, resume, on_step, log)
+    with outdir.discard_unless_started(work, "train_state.pt"):
+        summary = _train(model, tok, model_path, work, cfg, device, eval_fn, resume, on_step, log)
+    outdir.publish(work, out, overwrite)
+    return summary
 
 
-def _train(model, tok, model_path, out: Path, work: Path, cfg: QATConfig, device, eval_fn, resume, on_step, log) -> dict:
+def _train(model, tok, model_path, work: Path, cfg: QATConfig, device, eval_fn, resume, on_step, log) -> dict:
     model.to(device)
 
     def evaluate():
@@ -187,12 +204,12 @@ def _train(model, tok, model_path, out: Path, work: Path, cfg: QATConfig, device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-    ids = calibration.tokenize(tok, calibration.read_text(cfg.data))
+    ids = text.tokenize(tok, text.read_text(cfg.data))
     lo, hi = (int(f * ids.numel()) for f in cfg.data_range)
     ids = ids[lo:hi]
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    step, losses = 0, []
+    step, losses, prior = 0, [], 0.0
     state_path = work / "train_state.pt"
     if resume and state_path.exists():
         state = torch.load(state_path, weights_only=False)
@@ -202,13 +219,18 @@ def _train(model, tok, model_path, out: Path, work: Path, cfg: QATConfig, device
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
-        step, losses = state["step"], state["losses"]
+        step, losses, prior = state["step"], state["losses"], state["seconds"]
         log(f"resuming at step {step}")
     start_step = step
     batches = _batches(ids, cfg, gen)
     model.train()
     autocast = device.type == "cuda"
     t0, eval_seconds = time.perf_counter(), 0.0  # the reported cost: training, conversion, writing
+
+    def seconds() -> float:
+        """Training time so far, the sessions before a resume included, evaluations excluded."""
+        return prior + time.perf_counter() - t0 - eval_seconds
+
     while step < cfg.steps:
         x = next(batches).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -225,37 +247,42 @@ def _train(model, tok, model_path, out: Path, work: Path, cfg: QATConfig, device
         if step % cfg.save_every == 0 or step == cfg.steps:
             trainable = {k: v for k, v in model.state_dict().items() if k in {n for n, p in model.named_parameters() if p.requires_grad}}
             torch_save({"config": asdict(cfg), "model": trainable, "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "gen": gen.get_state(), "step": step, "losses": losses}, state_path)
+                        "gen": gen.get_state(), "step": step, "losses": losses, "seconds": seconds()}, state_path)
+            faults.point("qat.state")
     model.eval()
     fake_quant_after = evaluate()
     results = convert(model, names)
     after = evaluate()
-    ckpt = work / "checkpoint"
-    _write(ckpt, model.to("cpu"), tok, results, cfg, log)
     summary = {"method": "qat", "config": asdict(cfg), "source": str(model_path), "steps": step,
                "loss_first": sum(losses[:10]) / len(losses[:10]), "loss_last": sum(losses[-10:]) / len(losses[-10:]),
                "ppl_before": before, "ppl_fake_quant": fake_quant_after, "ppl_after": after,
-               "seconds": time.perf_counter() - t0 - eval_seconds, "device": str(device),
-               "tokens_trained": (step - start_step) * cfg.batch * cfg.seq}
-    write_json({"version": __version__, **summary, "config": {**asdict(cfg), "method": "qat"}}, ckpt / "quantool.json")
-    workdir.publish(work, out)
+               "seconds": seconds(), "device": str(device), "tokens_trained": step * cfg.batch * cfg.seq}
+    meta = {"version": __version__, "run_id": outdir.run_id(work), **summary, "config": {**asdict(cfg), "method": "qat"}}
+    _write(work / "checkpoint", model.to("cpu"), tok, results, cfg, meta, log)
     return summary
 
 
-def _write(ckpt: Path, model: nn.Module, tok, results: dict[str, QuantizedWeight], cfg: QATConfig, log):
-    """The converted model as a GPTQ v1 checkpoint (a tied output head is stored once, as the embedding)."""
+def _write(ckpt: Path, model: nn.Module, tok, results: dict[str, QuantizedWeight], cfg: QATConfig, meta: dict, log) -> None:
+    """The converted model as a GPTQ v1 checkpoint (a tied output head is stored once, as the embedding), written
+    whole from the final training state: a resumed run writes it all again."""
+    shutil.rmtree(ckpt, ignore_errors=True)
     state = model.state_dict()
     head = model.get_output_embeddings()
     if getattr(model.config, "tie_word_embeddings", False) and head is not None:
         state.pop(next(n for n, m in model.named_modules() if m is head) + ".weight", None)
     tensors, unpacked = checkpoint_tensors(state, results, "gptq", cfg.bits)
-    for prefix, reason in sorted(unpacked.items()):
-        log(f"{prefix}: the GPTQ layout cannot hold {reason}; stored as fp16 weights equal to their quantized values")
+    kinds: dict[str, set[str]] = {}
+    for prefix, reason in unpacked.items():
+        kinds.setdefault(reason, set()).add(prefix.rsplit(".", 1)[-1])
+    for reason, names in kinds.items():
+        log(f"{', '.join(sorted(names))}: the GPTQ layout cannot hold {reason}; stored as fp16 weights equal to their quantized values")
     writer = ShardedWriter(ckpt)
     writer.add(tensors)
     writer.finish()
-    write_configs(ckpt, model.config.to_dict(), gptq.quantization_config(cfg.bits, cfg.group_size, cfg.spec().sym, False, 0.0,
-                                                                          False, sorted(unpacked)))
-    tok.save_pretrained(ckpt)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(ckpt)
+    writer.publish_names()
+    group = _group(model, cfg)
+    if group != cfg.group_size:
+        log(f"--group-size {cfg.group_size} does not divide every quantized width: every linear uses groups of {group}")
+    modules = {name: ModuleQuant(cfg.bits, group) for name in results if name not in unpacked}
+    lcfg = LayoutConfig(cfg.bits, group, cfg.spec().sym, modules=modules, unpacked=unpacked)
+    finalize(ckpt, meta, model.config.to_dict(), "gptq", lcfg, tok, getattr(model, "generation_config", None))

@@ -9,11 +9,11 @@ from typing import Callable
 
 import yaml
 
-from quantool.atomic import write_json
-from quantool.bench import BenchConfig, run_bench
+from quantool.util.atomic import write_json
+from quantool.eval.bench import BenchConfig, run_bench
 from quantool.errors import QuantoolError
 from quantool.ptq import PTQConfig, quantize_model
-from quantool.report import write_report
+from quantool.eval.report import write_report
 
 
 @dataclass
@@ -46,7 +46,10 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise QuantoolError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise QuantoolError(f"{where}: not valid YAML ({problem}); fix that line of the recipe") from None
     if not isinstance(raw, dict):
         raise QuantoolError(f"{path} must hold a mapping with name, quantize, bench, report")
     allowed = {f.name for f in dataclasses.fields(Recipe)}

@@ -1,10 +1,12 @@
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # the measurement scripts the tests check
 SHARED_MODEL = SHARED / "models" / "stories260K"
 TINYSTORIES = SHARED / "data" / "tinystories_val.txt"
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from quantool.atomic import write_json
-from quantool.bench import BenchConfig, read_results, run_bench
+from quantool.util.atomic import write_json
+from quantool.eval.bench import BenchConfig, read_results, run_bench
 from quantool.cli import main
 from quantool.errors import QuantoolError
 from quantool.eval.perplexity import windows
@@ -28,7 +28,7 @@ def test_perplexity_matches_plain_loop(tiny_llama, story_text):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantool.eval.perplexity import perplexity
-    from quantool.model.calibration import tokenize
+    from quantool.text import tokenize
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     ids = tokenize(AutoTokenizer.from_pretrained(tiny_llama), story_text)[:1000]
@@ -66,6 +66,34 @@ def test_bench_results_and_kernels(results):
     for m in (base, quant):
         s = m["speed"]["by_batch"]["1"]
         assert s["decode_tokens_per_s"] > 0 and s["prefill_tokens_per_s"] > 0 and s["time_to_first_token_s"] > 0
+
+
+def test_speed_runs_in_the_dtype_a_cpu_user_would_run(results):
+    """bf16 where the CPU has bf16 units, else fp32 (never emulated fp16), recorded in the results and named in the
+    report; a results file whose baseline dtype was emulated or not recorded gets no speed-up column."""
+    from quantool.device import cpu_has_bf16
+    from quantool.eval.report import markdown, rows
+
+    speed = results["protocol"]["speed"]
+    assert speed["dtype"] == ("bfloat16" if cpu_has_bf16() else "float32") and speed["dtype_native"]
+    assert results["environment"]["cpu_bf16"] == cpu_has_bf16()
+    assert rows(results)[1]["speedup_b1"] > 0 and f"Models ran in {speed['dtype']}" in markdown(results, {})
+    emulated = {**results, "protocol": {**results["protocol"], "speed": {**speed, "dtype": "float16", "dtype_native": False}}}
+    assert "speedup_b1" not in rows(emulated)[1]
+    unrecorded = {**results, "protocol": {**results["protocol"], "speed": {k: v for k, v in speed.items()
+                                                                              if k not in ("dtype", "dtype_native")}}}
+    assert "speedup_b1" not in rows(unrecorded)[1] and "was not recorded" in markdown(unrecorded, {})
+
+
+@pytest.mark.parametrize("make,needle", [(lambda p: None, "is not a model folder (no config.json)"),
+                                         (lambda p: (p / "config.json").write_text("{}"), "holds no weights")])
+def test_bench_on_a_folder_that_is_no_model(tmp_path, make, needle):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("x")
+    make(folder)
+    result = CliRunner().invoke(main, ["bench", str(folder), "-o", str(tmp_path / "r.json")])
+    assert result.exit_code == 2 and needle in result.output and "tokenizer" not in result.output, result.output
 
 
 def test_report_markdown_and_plots(results, tmp_path):
@@ -115,6 +143,7 @@ def test_shipped_recipes_validate(recipe):
     ("name: x\nquantize: [{method: gptq, bits: 7}]\n", "--bits 7"),
     ("name: x\nbench: {ppl: true, spead: true}\n", "unknown key(s) spead"),
     ("- just a list\n", "must hold a mapping"),
+    ("name: x\nquantize:\n  - {method: gptq\n", "r.yaml:4:1: not valid YAML"),
 ])
 def test_recipe_validation(tmp_path, text, needle):
     path = tmp_path / "r.yaml"
@@ -157,7 +186,7 @@ def test_evaluator_scores_the_chosen_slice(tiny_llama, tmp_path, story_text):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantool.eval.perplexity import evaluator, perplexity
-    from quantool.model.calibration import tokenize
+    from quantool.text import tokenize
 
     text = tmp_path / "eval.txt"
     text.write_text(story_text[:20000])

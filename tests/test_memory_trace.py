@@ -93,7 +93,7 @@ def test_measurement_suite_writes_what_the_accuracy_test_reads(tmp_path):
     """The suite runner end to end on the CPU: the file a GPU session commits, resumable, and its table."""
     import json
 
-    from quantool.memory.suite import run_suite, table
+    from memory_suite import run_suite, table
     from test_memory import measured_cases
 
     cases = [{"model": "smollm2-135m", "job": {"method": "inference", "batch": 1, "seq": 32, "gen": 4}},

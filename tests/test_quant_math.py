@@ -307,3 +307,16 @@ def test_fake_quantize_straight_through():
     assert torch.equal(w.grad, torch.ones_like(w))
     q, s, z = quantize_groups(w.detach(), QuantSpec(4, 32, True))
     assert torch.allclose(y, dequantize_groups(q, s, z, group_index(32, 32)))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_chunked_packing_equals_packing_whole(bits):
+    """Packing in chunks (which bounds its int64 working copies) writes the same words as packing all at once."""
+    from quantool.formats.bits import _pack_awq, _pack_rows, pack_awq, pack_rows
+
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (256, 300), generator=gen, dtype=torch.int32)
+    assert torch.equal(pack_rows(codes, bits, chunk=3000), _pack_rows(codes, bits))
+    if bits == 4:
+        codes = torch.randint(0, 16, (300, 256), generator=gen, dtype=torch.int32)
+        assert torch.equal(pack_awq(codes, chunk=3000), _pack_awq(codes))

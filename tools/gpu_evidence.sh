@@ -26,7 +26,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || exp
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
   python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" || true; } > "$OUT/env.txt"
-Q="python3 -m quantool.cli"
+Q="python3 -m quantool"
 MODEL=/tmp/llama7b
 model() { [ -d $MODEL ] || python3 tools/make_random_llama.py $MODEL --layers 32 --tokenizer .gpu/tokenizer; }
 

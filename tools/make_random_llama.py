@@ -40,6 +40,8 @@ def tensor_shapes(layers: int) -> dict[str, tuple[int, ...]]:
 
 
 def write(out: Path, layers: int, tokenizer: Path, shard_bytes: int, seed: int) -> None:
+    if not (tokenizer / "tokenizer_config.json").exists():
+        raise SystemExit(f"no tokenizer at {tokenizer}: pass --tokenizer DIR (a model folder whose tokenizer to copy)")
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by tools/make_random_llama.py; delete with --delete\n")
     config = dict(architectures=["LlamaForCausalLM"], model_type="llama", num_hidden_layers=layers, hidden_act="silu",

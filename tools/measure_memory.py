@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from quantool.memory.suite import run_suite, table
+from memory_suite import run_suite, table
 
 ROOT = Path(__file__).resolve().parent.parent
 

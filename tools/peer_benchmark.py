@@ -52,12 +52,12 @@ def peer_child(args) -> None:
     from gptqmodel.quantization.config import AWQConfig, GPTQConfig
     from transformers import AutoTokenizer
 
-    from quantool.model import calibration
+    from quantool import text
 
     method, bits, group = CONFIGS[args.config]
     tok = AutoTokenizer.from_pretrained(args.model)
-    ids = calibration.tokenize(tok, calibration.read_text(str(args.calib)))
-    windows = calibration.windows(ids, args.nsamples, args.seqlen, args.seed)
+    ids = text.tokenize(tok, text.read_text(str(args.calib)))
+    windows = text.windows(ids, args.nsamples, args.seqlen, args.seed)
     data = [{"input_ids": w.tolist(), "attention_mask": [1] * w.numel()} for w in windows]
     kind = GPTQConfig if method == "gptq" else AWQConfig
     qcfg = kind(bits=bits, group_size=group, sym=method == "gptq", desc_act=False) if method == "gptq" else \
@@ -77,7 +77,7 @@ def quantool_cmd(args, name: str, calib: Path, out: Path) -> list[str]:
 def evaluate(path: Path, eval_text: Path, ctx: int, max_tokens: int) -> float:
     import quantool
     from quantool.eval.perplexity import perplexity
-    from quantool.model.calibration import read_text, tokenize
+    from quantool.text import read_text, tokenize
 
     model, tok = quantool.load(str(path), device="cpu")
     ids = tokenize(tok, read_text(str(eval_text)))

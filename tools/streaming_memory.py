@@ -25,7 +25,7 @@ import transformers
 from child_rusage import measure
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = {"rtn": ["rtn"], "gptq": ["gptq", "--nsamples", "16"]}
+RUNS = {"rtn": ["rtn"], "gptq": ["gptq", "--nsamples", "16"], "awq": ["awq", "--nsamples", "16"]}
 
 
 def machine() -> dict:
@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--calib", type=Path, default=ROOT / "../shared/data/wikitext2_raw_test.txt",
                     help="calibration text (the random models' tokenizer needs more than the shipped default)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantool-streaming"))
+    ap.add_argument("--tokenizer", type=Path, default=ROOT / "../shared/models/stories260K", help="tokenizer for the random models")
     ap.add_argument("--keep-models", action="store_true")
     ap.add_argument("-o", "--out", type=Path, default=ROOT / "reports/streaming-memory.json")
     args = ap.parse_args()
@@ -78,7 +79,8 @@ def main() -> None:
     for layers in depths:
         model = args.work / f"llama7b-{layers}"
         if not model.exists():
-            subprocess.run([sys.executable, str(ROOT / "tools/make_random_llama.py"), str(model), "--layers", str(layers)], check=True)
+            subprocess.run([sys.executable, str(ROOT / "tools/make_random_llama.py"), str(model), "--layers", str(layers),
+                            "--tokenizer", str(args.tokenizer)], check=True)
             made.append(model)
     for method in args.methods.split(","):
         for layers in depths:
@@ -86,15 +88,18 @@ def main() -> None:
                 continue
             model, out = args.work / f"llama7b-{layers}", args.work / f"{method}-{layers}"
             shutil.rmtree(out, ignore_errors=True)
-            cmd = ["quantool", RUNS[method][0], str(model), "-o", str(out), "--calib", str(args.calib), *RUNS[method][1:]]
+            shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
+            cmd = ["quantool", RUNS[method][0], str(model), "-o", str(out), "--device", "cpu", "--calib", str(args.calib),
+                   *RUNS[method][1:]]
             res = measure(cmd, args.work / f"{method}-{layers}.log")
             code, seconds, peak = res["exit"], res["seconds"], res["peak_rss_bytes"]
             if code:
                 sys.exit(f"quantool {method} on {model} failed (exit {code}): see {args.work}/{method}-{layers}.log")
             data["runs"].append({"method": method, "layers": layers, "peak_rss_bytes": peak, "seconds": seconds,
+                                 "calib_bytes": args.calib.stat().st_size, "date": time.strftime("%Y-%m-%d"),
                                  "source_bytes": sum(f.stat().st_size for f in model.glob("*.safetensors")),
                                  "output_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
-                                 "command": " ".join(["quantool", method, "MODEL -o OUT --calib CALIB", *RUNS[method][1:]])})
+                                 "command": " ".join(["quantool", method, "MODEL -o OUT --device cpu --calib CALIB", *RUNS[method][1:]])})
             data["runs"].sort(key=lambda r: (r["method"], r["layers"]))
             args.out.write_text(json.dumps(data, indent=2) + "\n")
             args.out.with_suffix(".md").write_text(markdown(data))

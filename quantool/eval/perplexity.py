@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from quantool.errors import QuantoolError
-from quantool.model.calibration import fit_context, read_text, tokenize
+from quantool.text import fit_context, read_text, tokenize
 
 
 def windows(n_tokens: int, ctx: int, stride: int | None) -> list[tuple[int, int, int]]:

@@ -3,14 +3,16 @@ GPT-QModel and by vLLM), 4-bit with zero points.
 
 Per quantized linear `prefix`: prefix.qweight int32 [in, out / 8] and prefix.qzeros int32 [groups, out / 8],
 8 output columns per word in the interleaved order 0, 2, 4, 6, 1, 3, 5, 7; prefix.scales fp16 [groups, out].
-There is no g_idx: groups are contiguous runs of `in / groups` columns, so it holds neither act-order nor
-a partial last group.
+There is no g_idx and no per-module setting: every module has `in / group_size` contiguous groups (the group
+size is chosen to divide every width, `formats.uniform_group`); modules it cannot hold are kept as plain
+linears (`modules_to_not_convert`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from quantool.formats import LayoutConfig, ModuleQuant
 from quantool.formats.bits import pack_awq, unpack_awq
 from quantool.quant.quantizer import QuantizedWeight, QuantSpec, group_index
 
@@ -23,15 +25,14 @@ def spec(bits: int, group_size: int, sym: bool) -> QuantSpec:
     return QuantSpec(bits, group_size, False)
 
 
-def cannot_hold(bits: int, w: QuantizedWeight) -> str | None:
-    out_f, in_f = w.q.shape
+def cannot_hold(bits: int, out_f: int, in_f: int) -> str | None:
+    """Why this layout cannot pack a linear of this shape, or None."""
     if bits != 4:
         return f"{bits}-bit codes (AWQ GEMM packs 4-bit only)"
     if out_f % 8:
-        return f"output width {out_f} is not a multiple of 8"
-    groups = w.scale.shape[0]
-    if in_f % groups or not torch.equal(w.g_idx.cpu(), group_index(in_f, in_f // groups)):
-        return f"input width {in_f} does not split into {groups} equal contiguous groups (a partial last group or act-order)"
+        return f"an output width of {out_f}, not a multiple of 8"
+    if in_f % 32:
+        return f"an input width of {in_f}, not a multiple of 32 (the kernels' smallest group)"
     return None
 
 
@@ -51,11 +52,15 @@ def unpack(bits: int, prefix: str, tensors: dict[str, torch.Tensor]) -> Quantize
                            tensors.get(f"{prefix}.bias"))
 
 
-def quantization_config(bits: int, group_size: int, sym: bool, act_order: bool, damp: float, static_groups: bool,
-                        unpacked: list[str]) -> dict:
-    return {"quant_method": "awq", "bits": bits, "group_size": group_size, "zero_point": True, "version": "gemm",
-            "modules_to_not_convert": sorted(unpacked) or None}
+def quantization_config(cfg: LayoutConfig) -> dict:
+    qcfg = {"quant_method": "awq", "bits": cfg.bits, "group_size": cfg.group_size, "zero_point": True, "version": "gemm",
+            "modules_to_not_convert": sorted(cfg.unpacked) or None}
+    if cfg.experts:
+        qcfg["quantool_experts"] = cfg.experts
+    return qcfg
 
 
-def unpacked_modules(qcfg: dict) -> set[str]:
-    return set(qcfg.get("modules_to_not_convert") or [])
+def module_settings(qcfg: dict, name: str) -> ModuleQuant | None:
+    if name in (qcfg.get("modules_to_not_convert") or []):
+        return None
+    return ModuleQuant(qcfg["bits"], qcfg["group_size"])

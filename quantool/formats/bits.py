@@ -15,6 +15,7 @@ import math
 import torch
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+CHUNK = 1 << 22  # codes packed per step
 
 
 def unit(bits: int) -> tuple[int, int]:
@@ -23,8 +24,16 @@ def unit(bits: int) -> tuple[int, int]:
     return 32 // g, bits // g
 
 
-def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """int codes [n, m] (n a multiple of unit(bits)[0]) -> int32 [n * bits / 32, m], bit stream along dim 0."""
+def pack_rows(codes: torch.Tensor, bits: int, chunk: int = CHUNK) -> torch.Tensor:
+    """int codes [n, m] (n a multiple of unit(bits)[0]) -> int32 [n * bits / 32, m], bit stream along dim 0.
+    Packed in column chunks of about `chunk` codes, so the int64 working copies stay small (a 7B gate_proj's
+    whole int64 copy would be 360 MB)."""
+    cols = max(1, chunk // max(1, codes.shape[0]))
+    return torch.cat([_pack_rows(codes[:, i:i + cols], bits) for i in range(0, codes.shape[1], cols)], dim=1)
+
+
+def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """pack_rows on one chunk."""
     n, m = codes.shape
     per, nwords = unit(bits)
     c = (codes.to(torch.int64) & ((1 << bits) - 1)).reshape(n // per, per, m)
@@ -64,8 +73,14 @@ def unpack_cols(words: torch.Tensor, bits: int) -> torch.Tensor:
     return unpack_rows(words.t().contiguous(), bits).t().contiguous()
 
 
-def pack_awq(codes: torch.Tensor) -> torch.Tensor:
-    """4-bit codes [n, m] (m multiple of 8) -> int32 [n, m / 8] in AWQ's interleaved order."""
+def pack_awq(codes: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """4-bit codes [n, m] (m multiple of 8) -> int32 [n, m / 8] in AWQ's interleaved order, in row chunks of about
+    `chunk` codes."""
+    rows = max(1, chunk // max(1, codes.shape[1]))
+    return torch.cat([_pack_awq(codes[i:i + rows]) for i in range(0, codes.shape[0], rows)])
+
+
+def _pack_awq(codes: torch.Tensor) -> torch.Tensor:
     n, m = codes.shape
     c = codes.to(torch.int64).reshape(n, m // 8, 8)
     words = torch.zeros(n, m // 8, dtype=torch.int64, device=codes.device)

@@ -3,8 +3,13 @@
 
 No shard is ever held in memory: each tensor's bytes are appended to the open shard's data file, and the
 header (8-byte length, JSON with dtype, shape and data offsets, padded to 8 bytes; the safetensors
-format) is written in front when the shard closes. `state()` describes what is safely on disk, so an
-interrupted run resumes by truncating to its last committed tensor, reading nothing back.
+format) is written in front when the shard closes, into a temporary file renamed into place.
+
+Crash safety: `state()` describes what is safely on disk, and the caller commits it (progress.json); only
+after that commit (`committed()`) are the closed shards' data files removed. So a run killed anywhere resumes
+from its last committed state: the open shard's data file is cut back to its last committed tensor, a shard
+closed after the commit is closed again, and a data file that is missing or shorter than the state says is a
+refusal, never a zero-filled tensor.
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ from pathlib import Path
 
 import torch
 
-from quantool.atomic import write_json
+from quantool.errors import QuantoolError
+from quantool.util import faults
+from quantool.util.atomic import write_json
 
 DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64", torch.int8: "I8",
           torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
 INDEX = "model.safetensors.index.json"
+SHARD_BYTES = 4 * 2**30  # largest shard (transformers' own default for save_pretrained is 5 GB)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -30,17 +38,24 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
+def shard_names(n: int) -> list[str]:
+    """transformers' file names for a checkpoint of n shards."""
+    return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
 class ShardedWriter:
-    def __init__(self, folder: Path, max_shard_bytes: int = 4 * 2**30, state: dict | None = None):
+    def __init__(self, folder: Path, max_shard_bytes: int | None = None, state: dict | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.max_shard_bytes = max_shard_bytes
+        self.max_shard_bytes = max_shard_bytes or SHARD_BYTES
         state = state or {"closed": [], "open": []}
         self.closed: list[list[dict]] = state["closed"]  # per finished shard: its entries
         self.entries: list[dict] = state["open"]  # entries of the open shard: name, dtype, shape, begin, end
-        self.data = open(self._data_path(len(self.closed)), "ab")
-        self.data.truncate(self.entries[-1]["end"] if self.entries else 0)  # drop what was written after the last commit
-        self.data.seek(0, os.SEEK_END)
+        self.finished = bool(state.get("finished"))
+        self._committed_closed = len(self.closed)
+        for index in range(len(self.closed)):
+            self._data_path(index).unlink(missing_ok=True)  # committed as closed: killed before they were removed
+        self.data = None if self.finished else self._reopen()
 
     def _data_path(self, index: int) -> Path:
         return self.folder / f"shard-{index:05d}.data"
@@ -48,7 +63,21 @@ class ShardedWriter:
     def _header_path(self, index: int) -> Path:
         return self.folder / f"shard-{index:05d}.safetensors"
 
-    def add(self, tensors: dict[str, torch.Tensor]):
+    def _reopen(self):
+        """Open the open shard's data file, cut back to its last committed tensor."""
+        index = len(self.closed)
+        self._header_path(index).unlink(missing_ok=True)  # closed after the last commit: it will be closed again
+        path, end = self._data_path(index), self.entries[-1]["end"] if self.entries else 0
+        size = path.stat().st_size if path.exists() else 0
+        if size < end:
+            raise QuantoolError(f"{path} holds {size} bytes, but the run's progress records {end}: the working folder was "
+                                f"changed or damaged; start over with --overwrite")
+        data = open(path, "r+b" if path.exists() else "w+b")
+        data.truncate(end)
+        data.seek(end)
+        return data
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, t in tensors.items():
             if t.dtype not in DTYPES:
                 raise ValueError(f"{name}: dtype {t.dtype} has no safetensors encoding")
@@ -56,18 +85,26 @@ class ShardedWriter:
             size = t.numel() * t.element_size()
             if self.entries and begin + size > self.max_shard_bytes:
                 self._close_shard()
+                self.data = open(self._data_path(len(self.closed)), "w+b")
                 begin = 0
             self.data.write(tensor_bytes(t))
             self.entries.append({"name": name, "dtype": DTYPES[t.dtype], "shape": list(t.shape), "begin": begin, "end": begin + size})
 
     def state(self) -> dict:
-        """Flush to disk and describe it: everything described here survives a crash."""
-        self.data.flush()
-        os.fsync(self.data.fileno())
-        return {"closed": self.closed, "open": list(self.entries)}
+        """Flush to disk and describe it: everything described here survives a crash once the caller commits it."""
+        if self.data is not None:
+            self.data.flush()
+            os.fsync(self.data.fileno())
+        return {"closed": self.closed, "open": list(self.entries), "finished": self.finished}
 
-    def _close_shard(self):
-        """Write the open shard's header and data into its .safetensors file and start the next shard."""
+    def committed(self) -> None:
+        """The state was committed: the data files of shards closed since can go."""
+        for index in range(self._committed_closed, len(self.closed)):
+            self._data_path(index).unlink(missing_ok=True)
+        self._committed_closed = len(self.closed)
+
+    def _close_shard(self) -> None:
+        """Write the open shard's header and data into its .safetensors file (the data file stays until committed)."""
         self.data.close()
         index = len(self.closed)
         header = {"__metadata__": {"format": "pt"}}
@@ -75,26 +112,43 @@ class ShardedWriter:
                        for e in self.entries})
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        with open(self._header_path(index), "wb") as out, open(self._data_path(index), "rb") as data:
+        final, tmp = self._header_path(index), self._header_path(index).with_suffix(".tmp")
+        with open(tmp, "wb") as out, open(self._data_path(index), "rb") as data:
             out.write(struct.pack("<Q", len(blob)))
             out.write(blob)
             shutil.copyfileobj(data, out, 16 * 2**20)
-        self._data_path(index).unlink()
+            out.flush()
+            os.fsync(out.fileno())
+        faults.point("shards.header")
+        tmp.replace(final)
+        faults.point("shards.closed")
         self.closed.append(self.entries)
         self.entries = []
-        self.data = open(self._data_path(index + 1), "ab")
 
-    def finish(self) -> list[Path]:
-        """Close the last shard and give the files their transformers names (and the index when sharded)."""
-        self._close_shard()
-        self.data.close()
-        self._data_path(len(self.closed)).unlink()
+    def finish(self) -> None:
+        """Close the last shard; commit `state()` next, then call `publish_names()`."""
+        if not self.finished:
+            self._close_shard()
+            self.data = None
+            self.finished = True
+
+    def publish_names(self) -> list[Path]:
+        """Give the closed shards their transformers names and write the index when sharded. Repeatable: a shard
+        already renamed is skipped, so a run killed midway finishes here on resume."""
+        self.committed()
         n = len(self.closed)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = shard_names(n)
         for i, name in enumerate(names):
-            self._header_path(i).replace(self.folder / name)
+            src, dst = self._header_path(i), self.folder / name
+            if src.exists():
+                src.replace(dst)
+                faults.point("shards.renamed")
+            elif not dst.exists():
+                raise QuantoolError(f"{self.folder} lacks shard {i + 1} of {n} ({src.name} or {name}): the working folder "
+                                    f"was changed or damaged; start over with --overwrite")
         if n > 1:
             weight_map = {e["name"]: names[i] for i, shard in enumerate(self.closed) for e in shard}
             total = sum(e["end"] - e["begin"] for shard in self.closed for e in shard)
             write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, self.folder / INDEX)
+            faults.point("shards.index")
         return [self.folder / name for name in names]

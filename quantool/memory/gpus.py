@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from quantool.errors import QuantoolError
-from quantool.units import parse_bytes
+from quantool.util.units import parse_bytes
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import time
 from contextlib import nullcontext
 
 from quantool.errors import QuantoolError
-from quantool.memory.plan import Job, attention_backend
+from quantool.memory.activations import attention_backend
+from quantool.memory.job import Job
 from quantool.memory.shapes import ModelShape
 
 
@@ -91,7 +92,7 @@ def build_workload(shape: ModelShape, job: Job, device, steps: int = 2):
         from peft import LoraConfig, get_peft_model
 
         targets = "all-linear" if job.lora_targets == ("all",) else (["q_proj", "v_proj"] if job.lora_targets == ("qv",) else list(job.lora_targets))
-        model = get_peft_model(model, LoraConfig(r=job.lora_rank, lora_alpha=2 * job.lora_rank, lora_dropout=0.0, target_modules=targets))
+        model = get_peft_model(model, LoraConfig(r=job.rank, lora_alpha=2 * job.rank, lora_dropout=0.0, target_modules=targets))
     ids = torch.randint(0, shape.vocab, (job.batch, job.seq), device=device)
 
     if job.method == "inference":

@@ -1,74 +1,128 @@
 """Memory of quantool's own post-training quantization job (`quantool rtn|gptq|awq`), host and device.
 
-The job streams the source one decoder layer at a time (quantool.ptq.pipeline), so its peak is one layer's
-work, whatever the depth. Each term below follows the code that allocates it:
-- the layer's weights in the compute dtype (fp16 on CUDA, fp32 on a CPU; quantool.device.compute_dtype);
-- the calibration hidden states entering the layer, [samples x seq, hidden] in the compute dtype, on the host;
-- the layer forward on one chunk of about 4096 tokens (quantool.model.layerwise);
-- GPTQ: the Hessians of one true-sequential stage (fp32, one per shared input) and, for the stage's widest
-  linear, the damped copy factorized in place and H^-1's factor ([in, in] fp32 each; quant.gptq
-  `_inverse_cholesky`) with four fp32 [out, in] working copies (W, Q, the dequantized result, the codes);
-- RTN: four fp32 [out, in] copies while one linear is rounded and dequantized (quant.quantizer);
-- AWQ: the recorded inputs of every linear (fp32) for at most `awq_search_tokens` tokens, and the clip
-  search's working copies of the widest linear (quant.awq_clip; its per-group Gram matrices are small);
-- the layer's finished codes (uint8, host) until the layer is written;
-- GPTQ: the MLP's inputs, recorded during the gate/up stage so the down_proj stage skips attention.
-On the host add the Python, torch and transformers runtime (measured below).
+The job streams the source one decoder layer at a time (quantool.ptq.pipeline), so its peak is the largest of a
+few moments, whatever the depth. Each term follows the code that allocates it, and each measured constant says
+where it was measured.
+
+Host moments (peak RSS):
+- tokenizing the calibration text: the tokenizer's encoding of the whole text is transient but large
+  (TOKENIZE_BYTES per byte of text);
+- capturing the calibration states (gptq, awq): the embedding read from its shard (the file's pages, mapped while
+  it is read, and the tensor as stored) and cast to the compute dtype, and the hidden states;
+- reading one layer: its weights as stored (the shard's pages) and in the compute dtype;
+- quantizing one layer: its weights, the method's working memory (`layer_work`), the hidden states, the finished
+  codes;
+- writing the tensors outside the layers (embedding, head, final norm): their pages and the tensors as stored;
+always beside the Python/torch/transformers runtime with the model's skeleton, and the tokenizer.
+Device (GPU runs): the layer's weights and the method's work; the hidden states stay on the host.
 """
 
 from __future__ import annotations
 
 from quantool.memory.shapes import ModelShape
+from quantool.ptq.config import PTQConfig
 
-RUNTIME_BYTES = 389 * 2**20  # VmHWM after importing quantool, torch 2.13 and transformers 5 (CPU, this project's CI image)
-CHUNK_TOKENS = 4096  # quantool.model.layerwise: tokens per forward call
-AWQ_SEARCH_TOKENS = 8192  # quantool.ptq.config.PTQConfig.awq_search_tokens' default
+# Measured with VmRSS/VmHWM on 2 CPU cores, torch 2.13.0+cpu, transformers 5.24 (SmolLM2-135M and stories260K):
+RUNTIME_BYTES = 391 * 2**20  # imports, config and a model skeleton (all parameters on the meta device)
+TOKENIZER_BYTES_PER_TOKEN = 1100  # a loaded fast tokenizer: SmolLM2's 49152-token vocabulary +53 MiB, stories260K's 512 +4 MiB
+TOKENIZE_BYTES = 150  # transient per byte of calibration text: WikiText-2 test (1.29 MB) +169 / +202 MiB for those two
+_PTQ = PTQConfig()
+CHUNK_TOKENS = _PTQ.chunk_tokens  # tokens per layer forward call
+AWQ_SEARCH_TOKENS = _PTQ.awq_search_tokens
 AWQ_CLIP_COPIES = 7.2  # peak of search_clip + apply_clip in [out, in] fp32 copies, measured (VmHWM) on 4096 x 11008
+# beyond the weights themselves, measured (VmHWM) on Llama-2-7B shapes: RTN's codes and dequantized copy of one
+# 11008 x 4096 linear; GPTQ (quant.gptq) on the stacked q/k/v, gate/up and on down_proj: while factorizing, two
+# Hessian-sized copies and one of the weights, in the column loop one Hessian and 2.4 copies of the weights
+RTN_COPIES = 1.8
+GPTQ_COPIES = (1.0, 2.4)
 
 
 def calibration_tokens(ptq: str, nsamples: int, seq: int) -> int:
     """Tokens the job keeps per layer: AWQ caps its windows at AWQ_SEARCH_TOKENS (whole windows)."""
+    if ptq == "rtn":
+        return 0
     if ptq == "awq" and nsamples * seq > AWQ_SEARCH_TOKENS:
         nsamples = max(1, AWQ_SEARCH_TOKENS // seq)
     return nsamples * seq
 
 
-def layer_work(shape: ModelShape, ptq: str, tokens: int, seq: int, dtype_bytes: int) -> dict[str, float]:
-    """What lives on the compute device while one layer is quantized, at the larger of its two moments: a
-    forward over one chunk of samples (collecting inputs), or the algorithm on the widest linear."""
+def layer_work(shape: ModelShape, ptq: str, tokens: int, seq: int, dtype_bytes: int) -> dict[str, tuple[str, float]]:
+    """What lives on the compute device while one layer is quantized, id -> (label, bytes), at the largest of its
+    moments: a forward over one chunk of samples (collecting inputs), or the algorithm on one stage's linears."""
     h, inter, lin = shape.hidden, shape.intermediate, shape.linears()
-    weights = {"one decoder layer's weights": (shape.linear_params_per_layer() + shape.small_params_per_layer()) * dtype_bytes}
+    weights = {"layer.weights": ("one decoder layer's weights", (shape.linear_params_per_layer() + shape.small_params_per_layer()) * dtype_bytes)}
     forward = {}
     if tokens:
         chunk = min(tokens, max(1, CHUNK_TOKENS // seq) * seq)
-        forward[f"layer forward on {chunk} tokens"] = chunk * dtype_bytes * (2 * h + max(3 * inter, 3 * shape.q_dim + 2 * shape.kv_dim))
+        forward["layer.forward"] = (f"layer forward on {chunk} tokens",
+                                    chunk * dtype_bytes * (2 * h + max(3 * inter, 3 * shape.q_dim + 2 * shape.kv_dim)))
+    moments: list[dict[str, tuple[str, float]]]
     if ptq == "gptq":
         mlp = shape.mlp_names()
         stages = [["q_proj", "k_proj", "v_proj"], ["o_proj"], list(mlp[:-1]), [mlp[-1]]]
-        hessian = max(4 * lin[s[0]][0] ** 2 for s in stages)  # down_proj's, the widest input
-        solve = max(((3 * 4 * lin[s[0]][0] ** 2, 4 * 4 * max(lin[n][0] * lin[n][1] for n in s)) for s in stages), key=sum)
-        moments = [{**forward, "GPTQ: the stage's Hessian (fp32)": hessian},
-                   {"GPTQ: Hessian, its factor and H^-1 (fp32)": solve[0], "GPTQ: working copies of one linear (fp32)": solve[1]}]
+        moments = [{**forward, "gptq.hessian": ("GPTQ: the stage's Hessian (fp32)", max(4 * lin[s[0]][0] ** 2 for s in stages))}]
+        for stage in stages:
+            w = 4 * lin[stage[0]][0] * sum(lin[n][1] for n in stage)  # the stage's linears stacked, fp32
+            hess = 4 * lin[stage[0]][0] ** 2
+            moments.append({"gptq.hessian": ("GPTQ: the stage's Hessian (fp32)", hess),
+                            "gptq.stacked": ("GPTQ: the stage's linears stacked (fp32)", w),
+                            "gptq.work": ("GPTQ: working copies (Cholesky, column loop; measured)",
+                                          max(2 * hess + GPTQ_COPIES[0] * w, hess + GPTQ_COPIES[1] * w))})
     elif ptq == "awq":
-        inputs = {"AWQ: recorded inputs of every linear (fp32)": tokens * 4 * sum(i for i, _ in lin.values())}
-        moments = [{**forward, **inputs, "AWQ: scale-search block outputs (fp32)": 2 * tokens * 4 * h},
-                   {**inputs, "AWQ: clip search on the widest linear (fp32)": AWQ_CLIP_COPIES * 4 * max(i * o for i, o in lin.values())}]
+        # one input per group of linears sharing it (q/k/v, o, gate/up, down), recorded in fp32; and the inputs of each
+        # searched block (attention, o_proj, the MLP, down_proj), recorded as called, to replay at every grid point
+        widths = h + shape.q_dim + h + inter
+        inputs = {"awq.inputs": ("AWQ: recorded inputs of each group of linears (fp32)", tokens * 4 * widths),
+                  "awq.calls": ("AWQ: recorded inputs of each searched block", tokens * dtype_bytes * widths)}
+        chunk_samples = max(1, min(tokens // seq, CHUNK_TOKENS // seq))
+        replay = {"awq.outputs": ("AWQ: scale-search block outputs (fp32)", 2 * tokens * 4 * h),
+                  "awq.attention": ("AWQ: attention scores and probabilities of one replayed chunk",
+                                    2 * dtype_bytes * chunk_samples * shape.heads * seq * seq)}
+        moments = [{**forward, **inputs}, {**inputs, **replay},
+                   {**inputs, "awq.clip": ("AWQ: clip search on the widest linear (fp32)",
+                                           AWQ_CLIP_COPIES * 4 * max(i * o for i, o in lin.values()))}]
     else:
-        moments = [{"RTN: working copies of one linear (fp32)": 4 * 4 * max(i * o for i, o in lin.values())}]
-    return {**weights, **max(moments, key=lambda m: sum(m.values()))}
+        moments = [{"rtn.work": ("RTN: working copies of one linear (fp32; measured)", RTN_COPIES * 4 * max(i * o for i, o in lin.values()))}]
+    return {**weights, **max(moments, key=lambda m: sum(v for _, v in m.values()))}
 
 
-def quantization_memory(shape: ModelShape, ptq: str, nsamples: int, seq: int, on_cpu: bool) -> tuple[dict, dict]:
-    """(device components, host components) at the peak: a CPU run keeps everything on the host."""
-    tokens = calibration_tokens(ptq, nsamples, seq) if ptq != "rtn" else 0
-    dtype_bytes = 4 if on_cpu else 2
-    work = layer_work(shape, ptq, tokens, seq, dtype_bytes)
-    host = {"Python, torch and transformers runtime (measured)": RUNTIME_BYTES,
-            "finished codes of the layer (uint8)": shape.linear_params_per_layer()}
-    if tokens:
-        host["calibration hidden states entering the layer"] = tokens * shape.hidden * dtype_bytes
+def host_moments(shape: ModelShape, ptq: str, nsamples: int, seq: int, calib_bytes: int, on_cpu: bool) -> dict[str, dict]:
+    """Host RAM at each moment of the job: name -> components."""
+    tokens = calibration_tokens(ptq, nsamples, seq)
+    compute = 4 if on_cpu else 2
+    base = {"Python, torch, transformers and the model skeleton (measured)": RUNTIME_BYTES}
+    if ptq != "rtn":
+        base["the tokenizer (measured per vocabulary entry)"] = TOKENIZER_BYTES_PER_TOKEN * shape.vocab
+    states = {"calibration hidden states entering the layer": tokens * shape.hidden * compute} if tokens else {}
+    layer_params = shape.linear_params_per_layer() + shape.small_params_per_layer()
+    labeled = layer_work(shape, ptq, tokens, seq, compute) if on_cpu else {"layer.weights": ("one decoder layer's weights",
+                                                                                               layer_params * compute)}
+    work = {label: nbytes for label, nbytes in labeled.values()}
+    weights = {"one decoder layer's weights": work.pop("one decoder layer's weights")}
+    done = {"finished codes of the layer (uint8)": shape.linear_params_per_layer()}
     if ptq == "gptq":  # the MLP's inputs, recorded for the down_proj stage (quantool.ptq.gptq._next_entry)
-        host["GPTQ: recorded inputs of the MLP"] = tokens * shape.hidden * dtype_bytes
-    if on_cpu:
-        return {}, {**work, **host}
-    return work, host
+        done["GPTQ: recorded inputs of the MLP"] = tokens * shape.hidden * compute
+    moments = {"read one layer": {**base, **states, "the layer's shard pages, mapped while read": layer_params * shape.dtype_bytes,
+                                  **weights},
+               "quantize one layer": {**base, **states, **weights, **work, **done}}
+    outside = shape.embedding_params() + shape.lm_head_params() + shape.final_norm_params()
+    moments["write the tensors outside the layers"] = {**base, "their shard pages and the tensors as stored": 2 * outside * shape.dtype_bytes}
+    if ptq != "rtn":
+        embedding = shape.embedding_params()
+        moments["tokenize the calibration text"] = {**base, "tokenizing the calibration text (transient, measured per byte)":
+                                                    TOKENIZE_BYTES * calib_bytes}
+        moments["capture the calibration states"] = {
+            **base, "the embedding's shard pages and the tensor as stored": 2 * embedding * shape.dtype_bytes,
+            "the embedding in the compute dtype": embedding * compute, **states}
+    return moments
+
+
+def quantization_memory(shape: ModelShape, ptq: str, nsamples: int, seq: int, on_cpu: bool,
+                        calib_bytes: int = 0) -> tuple[dict[str, tuple[str, float]], dict[str, float], str]:
+    """(device components id -> (label, bytes), host components label -> bytes, the host's peak moment): a CPU run
+    keeps everything on the host."""
+    tokens = calibration_tokens(ptq, nsamples, seq)
+    moments = host_moments(shape, ptq, nsamples, seq, calib_bytes, on_cpu)
+    moment = max(moments, key=lambda m: sum(moments[m].values()))
+    device = {} if on_cpu else layer_work(shape, ptq, tokens, seq, 2)
+    return device, moments[moment], moment

@@ -30,17 +30,36 @@ class ModelShape:
     norms_per_layer: int = 2
     bias: bool = False  # every linear has a bias (OPT, GPT-2)
     qkv_bias: bool = False  # only q/k/v have biases (Qwen2)
-    experts: int = 0  # MoE experts per layer (0 = dense)
+    experts: int = 0  # routed experts per MoE layer (0 = dense)
     experts_per_token: int = 0
+    moe_layers: int = 0  # layers with experts (default: all, when experts); the others run a dense MLP of `intermediate`
+    expert_intermediate: int = 0  # one routed expert's MLP width (default: intermediate)
+    shared_intermediate: int = 0  # MoE layers' shared experts, their total MLP width (0: none)
     learned_positions: int = 0
     max_position: int = 0
+    k_head_dim: int = 0  # width of one KV head's key in the cache (default head_dim; MLA in transformers: nope + rope)
+    v_head_dim: int = 0  # width of one KV head's value in the cache (default head_dim)
+    sliding_layers: int = 0  # layers whose KV cache keeps only the last `sliding_window` tokens
+    sliding_window: int = 0
+    dtype_bytes: int = 2  # bytes per weight as stored in the checkpoint (fp16/bf16; 4 for fp32 checkpoints)
+    counted_params: int = 0  # counted on transformers' module graph (`memory.graph`); 0: from the formulas below
+    counted_linear_params: int = 0  # the decoder layers' linear and expert weights, counted likewise
+    counted_linear_rows: int = 0  # their output rows (bitsandbytes int8 keeps a scale per row)
+    counted_linears: int = 0  # how many matrices they are
+    quantized_linear_bytes: int = 0  # a quantized checkpoint's linears as stored (0: not quantized; see memory.graph)
+    quantized_note: str = ""  # what they are, e.g. "GPTQ, 3.42 bits per weight on average"
     hf_id: str = ""
     note: str = ""
     aliases: tuple = field(default=(), compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.hidden // self.heads)
+        if self.experts and not self.moe_layers:
+            object.__setattr__(self, "moe_layers", self.layers)
+        for name, default in (("expert_intermediate", self.intermediate), ("k_head_dim", self.head_dim), ("v_head_dim", self.head_dim)):
+            if not getattr(self, name):
+                object.__setattr__(self, name, default)
 
     @property
     def q_dim(self) -> int:
@@ -51,35 +70,77 @@ class ModelShape:
         return self.kv_heads * self.head_dim
 
     def linears(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of one decoder layer's linear layers, per expert for MoE."""
-        h, i = self.hidden, self.intermediate
-        shapes = {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim), "o_proj": (self.q_dim, h)}
+        """(in_features, out_features) of one dense decoder layer's linear layers (a MoE layer's experts have these
+        MLP names at `expert_intermediate`)."""
+        return {**self.attention_linears(), **self.mlp_linears(self.intermediate)}
+
+    def attention_linears(self) -> dict[str, tuple[int, int]]:
+        h = self.hidden
+        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim), "o_proj": (self.q_dim, h)}
+
+    def mlp_linears(self, width: int) -> dict[str, tuple[int, int]]:
+        h = self.hidden
         if self.mlp == "gated":
-            shapes.update(gate_proj=(h, i), up_proj=(h, i), down_proj=(i, h))
-        else:
-            shapes.update(fc1=(h, i), fc2=(i, h))
-        return shapes
+            return {"gate_proj": (h, width), "up_proj": (h, width), "down_proj": (width, h)}
+        return {"fc1": (h, width), "fc2": (width, h)}
 
     def mlp_names(self) -> tuple[str, ...]:
         return ("gate_proj", "up_proj", "down_proj") if self.mlp == "gated" else ("fc1", "fc2")
 
     def copies(self, name: str) -> int:
-        """How many instances of linear `name` a layer holds: one per expert for MoE MLP linears."""
+        """How many instances of linear `name` a MoE layer holds: one per expert for the MLP's linears."""
         return max(self.experts, 1) if name in self.mlp_names() else 1
 
+    def _params(self, linears: dict[str, tuple[int, int]], copies: int = 1) -> int:
+        return copies * sum(i * o for i, o in linears.values())
+
+    def dense_layer_linear_params(self) -> int:
+        return self._params(self.linears())
+
+    def moe_layer_linear_params(self) -> int:
+        """Attention, every routed expert and the shared experts of one MoE layer."""
+        shared = self._params(self.mlp_linears(self.shared_intermediate)) if self.shared_intermediate else 0
+        return self._params(self.attention_linears()) + self._params(self.mlp_linears(self.expert_intermediate), self.experts) + shared
+
+    def linear_params(self) -> int:
+        """Weights of every decoder layer's linears and experts."""
+        if self.counted_linear_params:
+            return self.counted_linear_params
+        return (self.layers - self.moe_layers) * self.dense_layer_linear_params() + self.moe_layers * self.moe_layer_linear_params()
+
     def linear_params_per_layer(self) -> int:
-        """Weights of the quantizable linears of one layer (all experts)."""
-        return sum(i * o * self.copies(name) for name, (i, o) in self.linears().items())
+        """Weights of the quantizable linears of the largest layer (a MoE layer's: all its experts)."""
+        if self.counted_linear_params:
+            return self.counted_linear_params // self.layers
+        return self.moe_layer_linear_params() if self.moe_layers else self.dense_layer_linear_params()
+
+    def linear_rows(self) -> int:
+        """Output rows of every decoder linear and expert matrix."""
+        if self.counted_linear_rows:
+            return self.counted_linear_rows
+        rows = lambda linears, copies=1: copies * sum(o for _, o in linears.values())  # noqa: E731
+        shared = rows(self.mlp_linears(self.shared_intermediate)) if self.shared_intermediate else 0
+        moe = rows(self.attention_linears()) + rows(self.mlp_linears(self.expert_intermediate), self.experts) + shared
+        return (self.layers - self.moe_layers) * rows(self.linears()) + self.moe_layers * moe
+
+    def linear_count(self) -> int:
+        """How many matrices the decoder layers hold (each expert's counted)."""
+        if self.counted_linears:
+            return self.counted_linears
+        moe = 4 + self.experts * len(self.mlp_names()) + (len(self.mlp_names()) if self.shared_intermediate else 0)
+        return (self.layers - self.moe_layers) * len(self.linears()) + self.moe_layers * moe
+
+    def moe_mlp_width(self) -> int:
+        """The MLP width a token passes through in a MoE layer: its experts' and the shared experts'."""
+        return self.experts_per_token * self.expert_intermediate + self.shared_intermediate
 
     def small_params_per_layer(self) -> int:
-        """Norms, biases and the MoE router: parameters outside the linear weights."""
+        """Norms, biases and the MoE router: parameters outside the linear weights (of a dense layer)."""
         n = self.norms_per_layer * self.hidden * (2 if self.norm == "layer" else 1)
         if self.bias:
             n += sum(o for _, o in self.linears().values())
         elif self.qkv_bias:
             n += self.q_dim + 2 * self.kv_dim
-        if self.experts:
-            n += self.hidden * self.experts
         return n
 
     def embedding_params(self) -> int:
@@ -92,12 +153,20 @@ class ModelShape:
         return self.hidden * (2 if self.norm == "layer" else 1)
 
     def param_count(self) -> int:
-        per_layer = self.linear_params_per_layer() + self.small_params_per_layer()
-        return self.layers * per_layer + self.embedding_params() + self.lm_head_params() + self.final_norm_params()
+        if self.counted_params:
+            return self.counted_params
+        routers = self.moe_layers * self.hidden * self.experts
+        return (self.linear_params() + self.layers * self.small_params_per_layer() + routers + self.embedding_params()
+                + self.lm_head_params() + self.final_norm_params())
+
+    def kv_bytes_per_token(self, dtype_bytes: float) -> float:
+        """One token's keys and values over every layer that caches all tokens (see sliding_layers)."""
+        return self.kv_heads * (self.k_head_dim + self.v_head_dim) * dtype_bytes
 
     def describe(self) -> str:
         gqa = f"GQA {self.heads}/{self.kv_heads}" if self.kv_heads != self.heads else f"MHA {self.heads} heads"
-        moe = f", MoE {self.experts}x top-{self.experts_per_token}" if self.experts else ""
+        moe = (f", MoE {self.experts}x{self.expert_intermediate} top-{self.experts_per_token} in {self.moe_layers} layers"
+               + (f" + shared {self.shared_intermediate}" if self.shared_intermediate else "") if self.experts else "")
         tie = "tied" if self.tied else "untied"
         return (f"{self.name}: {self.layers} layers, hidden {self.hidden}, MLP {self.intermediate} ({self.mlp}), "
                 f"{gqa}, head_dim {self.head_dim}, vocab {self.vocab} ({tie}){moe}")
@@ -113,18 +182,29 @@ class ModelShape:
         return cls(**{**d, "aliases": tuple(d.get("aliases", ()))})
 
 
+def _entries() -> list[dict]:
+    return json.loads(resources.files("quantool.memory").joinpath("data/architectures.json").read_text())["models"]
+
+
 def _catalog() -> dict[str, ModelShape]:
-    raw = json.loads(resources.files("quantool.memory").joinpath("data/architectures.json").read_text())
+    """The catalog's entries given by their dimensions (no torch needed)."""
     shapes = {}
-    for entry in raw["models"]:
+    for entry in _entries():
+        if "config" in entry:
+            continue
         shape = ModelShape.from_dict(entry)
         for key in (shape.name, *shape.aliases):
             shapes[key] = shape
     return shapes
 
 
+def _catalog_configs() -> dict[str, dict]:
+    """The catalog's entries given by their config.json (read through transformers)."""
+    return {key: entry for entry in _entries() if "config" in entry for key in (entry["name"], *entry.get("aliases", ()))}
+
+
 def catalog_names() -> list[str]:
-    return sorted({s.name for s in _catalog().values()})
+    return sorted({e["name"] for e in _entries()})
 
 
 def from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
@@ -133,8 +213,8 @@ def from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
         cfg = cfg["text_config"]
     get = lambda *keys, default=None: next((cfg[k] for k in keys if cfg.get(k) is not None), default)  # noqa: E731
     hidden = get("hidden_size", "n_embd", "d_model")
-    layers = get("num_hidden_layers", "n_layer", "num_layers")
-    heads = get("num_attention_heads", "n_head")
+    layers = get("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    heads = get("num_attention_heads", "n_head", "n_heads")
     vocab = get("vocab_size")
     missing = [k for k, v in (("hidden_size", hidden), ("num_hidden_layers", layers), ("num_attention_heads", heads), ("vocab_size", vocab)) if not v]
     if missing:
@@ -158,6 +238,7 @@ def from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
         experts_per_token=int(get("num_experts_per_tok", default=0)),
         learned_positions=learned,
         max_position=int(get("max_position_embeddings", "n_positions", default=0)),
+        dtype_bytes=4 if str(cfg.get("dtype") or cfg.get("torch_dtype")) == "float32" else 2,
     )
 
 
@@ -182,8 +263,55 @@ def from_param_count(n: int) -> ModelShape:
                       note=f"--params {n:,}: assumed Llama-shaped (vocab 32000, untied), scaled from Llama-2 ratios")
 
 
+def from_config(cfg: dict, name: str) -> ModelShape:
+    """A config.json's shape: counted on transformers' module graph where transformers knows the family
+    (`memory.graph`), else from its dimensions by the formulas here. Either way the config must state its
+    dimensions (transformers would fill in its own defaults, silently)."""
+    from_hf_config(cfg, name)  # refuses a config without hidden size, layers, heads or vocabulary
+    if cfg.get("model_type"):
+        from quantool.memory.graph import shape_from_transformers
+
+        try:
+            return shape_from_transformers(cfg, name)
+        except QuantoolError:
+            shape = from_hf_config(cfg, name)
+            return replace(shape, note=f"transformers does not know model_type {cfg['model_type']!r}: shape from the config's "
+                                       f"dimensions, Llama-like where they say nothing")
+    return from_hf_config(cfg, name)
+
+
+def _data_bytes(folder: Path) -> int:
+    """Bytes of tensor data in a folder's safetensors files (each file less its 8-byte length and JSON header)."""
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        with open(f, "rb") as handle:
+            total += f.stat().st_size - 8 - int.from_bytes(handle.read(8), "little")
+    return total
+
+
+def with_quantized_weights(shape: ModelShape, folder: Path, qcfg: dict) -> ModelShape:
+    """The shape of a GPTQ/AWQ checkpoint: its linears take the bytes they are stored in (all the tensor data but
+    the other parameters, stored in 16 bits)."""
+    linear = _data_bytes(folder) - 2 * (shape.param_count() - shape.linear_params())
+    bits = 8 * linear / max(shape.linear_params(), 1)
+    return replace(shape, quantized_linear_bytes=linear,
+                   quantized_note=f"{qcfg.get('quant_method', 'quantized').upper()} as stored, {bits:.2f} bits per weight with scales")
+
+
+def _fetch_config(spec: str) -> dict:
+    """config.json of a hub model (online; the cached copy offline)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(spec, "config.json")).read_text())
+    except Exception as exc:  # offline, unknown repo, gated model: one line says which
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QuantoolError(f"cannot fetch {spec}/config.json from the hub ({first}): pass a local config.json or model "
+                            f"directory, or a catalog name") from None
+
+
 def resolve_model(spec: str) -> ModelShape:
-    """A catalog name, a config.json path, or a model directory."""
+    """A catalog name, a config.json path, a model directory, or a hub id (org/name)."""
     path = Path(spec)
     if path.is_dir():
         path = path / "config.json"
@@ -198,11 +326,21 @@ def resolve_model(spec: str) -> ModelShape:
             raise QuantoolError(f"{path} is not valid JSON ({exc.__class__.__name__}: {exc}): fix the file or use a catalog name") from None
         if not isinstance(cfg, dict):
             raise QuantoolError(f"{path} does not hold a JSON object: expected a Hugging Face config.json")
-        return from_hf_config(cfg, str(path))
-    catalog = _catalog()
-    key = spec.lower().split("/")[-1]
+        shape = from_config(cfg, str(path))
+        qcfg = cfg.get("quantization_config") or {}
+        if qcfg.get("quant_method") in ("gptq", "awq") and any(path.parent.glob("*.safetensors")):
+            shape = with_quantized_weights(shape, path.parent, qcfg)
+        return shape
+    catalog, configs = _catalog(), _catalog_configs()
+    by_hub_id = {e["hf_id"].lower(): e["name"] for e in _entries() if e.get("hf_id")}
+    key = by_hub_id.get(spec.lower(), spec.lower().split("/")[-1])
     if key in catalog:
         return catalog[key]
-    close = difflib.get_close_matches(key, list(catalog), n=4, cutoff=0.5)
+    if key in configs:
+        entry = configs[key]
+        return replace(from_config(dict(entry["config"]), entry["name"]), name=entry["name"], hf_id=entry["hf_id"])
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return from_config(_fetch_config(spec), spec)
+    close = difflib.get_close_matches(key, [*catalog, *configs], n=4, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(catalog_names())}"
     raise QuantoolError(f"unknown model {spec!r}: {hint} (or pass a config.json / model directory)")

@@ -3,14 +3,25 @@ compute device (GPTQ reference `llama_sequential`); gather a few modules' inputs
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import inspect
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Callable
 
 import torch
 from torch import nn
 
 
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the KV cache's keyword, by transformers version
+
+
 class _Stop(Exception):
     pass
+
+
+def cache_kwarg(layer: nn.Module) -> str:
+    """The keyword a decoder layer takes its KV cache by: `cache` in transformers 5.2x, `past_key_values` before."""
+    params = inspect.signature(layer.forward).parameters
+    return next((k for k in CACHE_KWARGS if k in params), "past_key_values")
 
 
 @torch.no_grad()
@@ -36,7 +47,7 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch.Tenso
             xs.append(captured["x"].to("cpu"))
     finally:
         handle.remove()
-    kwargs = {k: v for k, v in captured["kwargs"].items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+    kwargs = {k: v for k, v in captured["kwargs"].items() if k not in CACHE_KWARGS + ("use_cache",)}
     return torch.cat(xs), to_device(kwargs, "cpu")
 
 
@@ -57,7 +68,7 @@ def _chunk(x: torch.Tensor, tokens: int) -> int:
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict, device, tokens: int = 4096,
+def run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict, device, tokens: int,
               replay: dict[nn.Module, list] | None = None) -> torch.Tensor:
     """Outputs of one layer for all samples, computed in chunks on device, returned on CPU. `replay` maps
     submodules to their outputs recorded (`record_outputs`) in an earlier pass over the same chunks, with the
@@ -110,10 +121,12 @@ def record_outputs(modules: list[nn.Module], store: dict):
 
 @torch.no_grad()
 def collect_inputs(layer: nn.Module, x: torch.Tensor, kwargs: dict, device, modules: dict[str, nn.Module], on_input,
-                   tokens: int = 4096, start: tuple[nn.Module, list] | None = None):
+                   tokens: int, start: tuple[nn.Module, list] | None = None,
+                   around: Callable[[], AbstractContextManager] | None = None):
     """Call on_input(name, input) for each module's input, for all samples, running the layer only until the
     last of `modules` has been called (the rest of the layer's forward is skipped). With `start`, a submodule
-    and its recorded calls (`record_call`), only that submodule runs, on those calls."""
+    and its recorded calls (`record_call`), only that submodule runs, on those calls. `around` wraps every run
+    (the recording of expert matrices' inputs, `experts.record_expert_inputs`)."""
     kw = to_device(kwargs, device)
     seen = set()
     chunk = _chunk(x, tokens)
@@ -135,23 +148,13 @@ def collect_inputs(layer: nn.Module, x: torch.Tensor, kwargs: dict, device, modu
         for module, args, call_kw in runs:
             seen.clear()
             try:
-                module(*args, **call_kw)
+                with around() if around is not None else nullcontext():
+                    module(*args, **call_kw)
             except _Stop:
                 pass
     finally:
         for h in handles:
             h.remove()
-
-
-def enclosing(names: list[str]) -> str:
-    """The innermost submodule that contains all the named ones ('' for the layer itself)."""
-    parts = [n.split(".")[:-1] for n in names]
-    common = []
-    for segment in zip(*parts):
-        if any(s != segment[0] for s in segment):
-            break
-        common.append(segment[0])
-    return ".".join(common)
 
 
 @contextmanager

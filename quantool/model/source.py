@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from quantool.errors import QuantoolError
+from quantool.model.conversion import KeyMap
 
 INDEX = "model.safetensors.index.json"
 
@@ -28,6 +29,11 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else exc.__class__.__name__
 
 
+def is_hub_id(spec: str) -> bool:
+    """Whether a model argument that is no local path reads as a hub id (org/name)."""
+    return not spec.startswith((".", "/")) and spec.count("/") == 1
+
+
 def resolve_folder(spec: str) -> Path:
     """A local model folder, or a hub id fetched into the local cache (needs the network once)."""
     path = Path(spec)
@@ -35,7 +41,7 @@ def resolve_folder(spec: str) -> Path:
         if not (path / "config.json").exists():
             raise QuantoolError(f"{spec} has no config.json: pass a Hugging Face model directory")
         return path
-    if spec.startswith((".", "/")) or spec.count("/") != 1:
+    if not is_hub_id(spec):
         raise QuantoolError(f"model {spec} not found: pass a local model directory or a hub id like org/name")
     from huggingface_hub import snapshot_download
 
@@ -171,28 +177,31 @@ def _stored_outside(model: nn.Module, layers_prefix: str) -> Callable[[str], boo
 
 
 class StreamedWeights:
-    """A skeleton's modules filled from the source's shards on use, and emptied after."""
+    """A skeleton's modules filled from the source's shards on use, and emptied after. Checkpoint tensors become
+    parameters through transformers' own key conversion (`conversion.KeyMap`), as from_pretrained would load them."""
 
     def __init__(self, source: ModelSource, model: nn.Module, dtype: torch.dtype, device: torch.device):
         self.source, self.model, self.dtype, self.device = source, model, dtype, device
+        self.keymap = KeyMap(model, source.files)
 
-    def load(self, module: nn.Module, prefix: str, keys: list[str] | None = None):
+    def load(self, module: nn.Module, prefix: str, keys: list[str] | None = None) -> None:
         expected = module.state_dict()
         keys = list(expected) if keys is None else keys
-        present = [k for k in keys if f"{prefix}{k}" in self.source.files]
+        present = [k for k in keys if f"{prefix}{k}" in self.keymap]
         absent = [k for k in keys if k not in present and expected[k].is_meta]
         if absent:
-            raise QuantoolError(f"{self.source.folder} holds no tensor {prefix}{absent[0]} (and {len(absent) - 1} more) that "
-                                f"config.json implies: the weights and the config do not match")
-        stored = self.source.read([f"{prefix}{k}" for k in present], self.dtype, self.device)
+            raise QuantoolError(f"{self.source.folder} holds no tensor for {prefix}{absent[0]} (and {len(absent) - 1} more) "
+                                f"that config.json implies: the weights and the config do not match")
+        stored = self.keymap.materialize([f"{prefix}{k}" for k in present],
+                                         lambda names: self.source.read(names, self.dtype, self.device))
         for k in present:
             t = stored[f"{prefix}{k}"]
             if t.shape != expected[k].shape:
-                raise QuantoolError(f"{self.source.files[prefix + k].name}: tensor {prefix}{k} has shape {tuple(t.shape)}, "
-                                    f"but config.json implies {tuple(expected[k].shape)}: the shards do not match the config")
+                raise QuantoolError(f"tensor {prefix}{k} has shape {tuple(t.shape)} in {self.source.folder}, but config.json "
+                                    f"implies {tuple(expected[k].shape)}: the shards do not match the config")
         module.load_state_dict({k: stored[f"{prefix}{k}"] for k in present}, strict=False, assign=True)
 
-    def drop(self, module: nn.Module, keys: list[str] | None = None):
+    def drop(self, module: nn.Module, keys: list[str] | None = None) -> None:
         state = module.state_dict()
         keys = list(state) if keys is None else keys
         module.load_state_dict({k: torch.empty_like(state[k], device="meta") for k in keys}, strict=False, assign=True)
@@ -201,10 +210,25 @@ class StreamedWeights:
         return _outside(self.model, layers_prefix)
 
     def stored_outside(self, layers_prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-        """The checkpoint's tensors outside the decoder layers, one at a time, as stored."""
+        """The checkpoint's tensors outside the decoder layers, one at a time, as stored (names as in the source)."""
         outside = _stored_outside(self.model, layers_prefix)
-        for name in filter(outside, self.source.files):
-            yield name, self.source.read([name])[name]
+        targets = {k: t for t in self.keymap.sources for k in self.keymap.keys_of(t)}
+        for name in self.source.files:
+            if outside(targets.get(name, name)):
+                yield name, self.source.read([name])[name]
+
+    def source_name(self, target: str) -> str:
+        """The checkpoint key a parameter was read from, where it is one tensor; else its own name."""
+        sources = self.keymap.sources.get(target, {})
+        keys = sources.get(None, [])
+        return keys[0] if len(sources) == 1 and len(keys) == 1 else target
+
+    def expert_sources(self, target: str) -> list[list[str]] | None:
+        """A fused parameter's per-expert checkpoint keys per part (e.g. [gate keys, up keys]), or None where the
+        source stores it fused too."""
+        if target not in self.keymap.converters:
+            return None
+        return self.keymap.grouped_keys(target)
 
 
 class LoadedWeights:
@@ -234,12 +258,21 @@ class LoadedWeights:
         outside = _stored_outside(self.model, layers_prefix)
         yield from ((name, t) for name, t in self.model.state_dict().items() if outside(name))
 
+    def source_name(self, target: str) -> str:
+        return target
+
+    def expert_sources(self, target: str) -> list[list[str]] | None:
+        return None
+
 
 def open_weights(source: ModelSource, dtype: torch.dtype, device: torch.device, log: Callable[[str], None]):
     """(model, weights): streamed from safetensors where the source has them, else loaded whole."""
     if source.streaming:
         model = source.skeleton()
         return model, StreamedWeights(source, model, dtype, device)
+    if not any(source.folder.glob("*.bin")):
+        raise QuantoolError(f"{source.folder} holds no weights (*.safetensors or pytorch_model*.bin): copy the model's "
+                            f"weight files there")
     log(f"{source.folder} has no safetensors files: loading the whole model into memory (pytorch_model*.bin); "
         f"convert it with save_pretrained(safe_serialization=True) to quantize layer by layer")
     return (model := source.load_whole(dtype)), LoadedWeights(model, device)

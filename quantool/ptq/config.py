@@ -1,78 +1,111 @@
 """Settings of a post-training quantization run: one dataclass, validated here, from which the command line's
-options are generated (each field's metadata holds its flag and help), so defaults live in one place."""
+options are generated (each field's metadata holds its flag and help), so defaults live in one place. Importing
+it needs no torch (the memory planner reads its defaults)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from quantool.errors import QuantoolError
-from quantool.formats import LAYOUTS
-from quantool.quant.gptq import ORDERS
-from quantool.quant.quantizer import QuantSpec
+from quantool.util.config import Choice, opt
 
-CALIBRATED = ("gptq", "awq")
-LAYERWISE = ("rtn", *CALIBRATED)
-BITSANDBYTES = ("int8", "nf4")
-METHODS = (*LAYERWISE, *BITSANDBYTES)
+if TYPE_CHECKING:
+    from quantool.quant.quantizer import QuantSpec
 
 
-def _opt(default, help: str, flag: str | None = None, **kw):
-    return field(default=default, metadata={"help": help, "flag": flag, **kw})
+
+class Method(Choice):
+    RTN = "rtn"
+    GPTQ = "gptq"
+    AWQ = "awq"
+    INT8 = "int8"
+    NF4 = "nf4"
+
+
+class Order(Choice):
+    NATURAL = "natural"
+    ACT = "act"
+    GROUP = "group"
+
+
+CALIBRATED = (Method.GPTQ, Method.AWQ)
+LAYERWISE = (Method.RTN, *CALIBRATED)
+BITSANDBYTES = (Method.INT8, Method.NF4)
+METHODS = tuple(m.value for m in Method)
 
 
 @dataclass
 class PTQConfig:
-    method: str = _opt("gptq", "rtn, gptq, awq (layer by layer, streamed from safetensors) or int8, nf4 (bitsandbytes, "
-                       "whole model)", choices=METHODS)
-    bits: int = _opt(4, "Bits per weight (rtn/gptq: 2, 3, 4, 8; awq: 3, 4).")
-    group_size: int = _opt(128, "Columns per quantization group: 32/64/128, or -1 for per channel. A width that is not a "
-                           "multiple ends in a partial group.")
-    sym: bool = _opt(True, "Symmetric or zero-point quantization (rtn/gptq; awq always uses zero points).", flag="--sym/--asym")
-    order: str = _opt("group", "GPTQ column order: natural; act (act-order, desc_act in the checkpoint); group "
-                      "(group-aware: important groups first, checkpoint layout unchanged).", choices=ORDERS)
-    static_groups: bool = _opt(False, "GPTQ with --order act: groups fixed before reordering.")
-    true_sequential: bool = _opt(True, "GPTQ: quantize q/k/v, o, gate/up, down in turn, each seeing the quantized ones "
-                                 "before it.", flag="--true-sequential/--no-true-sequential")
-    mse: bool | None = _opt(None, "RTN/GPTQ: each group's range by least rounding error (|err|^2.4 over 80 shrink "
-                            "steps, GPTQ reference's mse option) instead of min-max. Default: on for gptq, off for rtn "
-                            "(RTN stays the plain min-max baseline).", flag="--mse/--no-mse")
-    damp: float = _opt(0.01, "GPTQ dampening, a fraction of the Hessian's mean diagonal, in (0, 1).")
-    duo_scaling: bool = _opt(False, "AWQ: scale by x^a / w^(1-a) instead of x^a.")
-    clip: bool = _opt(True, "AWQ: search a clipping range per group.", flag="--clip/--no-clip")
-    awq_search_tokens: int = _opt(8192, "AWQ: at most this many calibration tokens (whole windows) for its scale and "
-                                  "clipping searches, which keep their inputs: bounds AWQ's memory.")
-    calib: str | None = _opt(None, "Calibration .txt/.jsonl file or HF dataset id (default: text shipped with quantool).")
-    nsamples: int = _opt(128, "Calibration windows.")
-    seqlen: int = _opt(512, "Tokens per calibration window.")
-    device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")
-    seed: int = _opt(0, "Seed of the calibration window sampling.")
+    method: Method = opt(Method.GPTQ, "rtn, gptq, awq (layer by layer, streamed from safetensors) or int8, nf4 "
+                         "(bitsandbytes, whole model)", choices=Method)
+    bits: int = opt(4, "Bits per weight (rtn/gptq: 2, 3, 4, 8; awq: 3, 4).")
+    group_size: int = opt(128, "Columns per quantization group: 32/64/128, or -1 for per channel. Where it does not "
+                          "divide every width, the largest power of two below it that does is used (and said).")
+    sym: bool = opt(True, "Symmetric or zero-point quantization (rtn/gptq; awq always uses zero points).", flag="--sym/--asym")
+    order: Order = opt(Order.GROUP, "GPTQ column order: natural; act (act-order, desc_act in the checkpoint); group "
+                       "(group-aware: important groups first, checkpoint layout unchanged).", choices=Order)
+    static_groups: bool = opt(False, "GPTQ with --order act: groups fixed before reordering.")
+    true_sequential: bool = opt(True, "GPTQ: quantize q/k/v, o, gate/up, down in turn, each seeing the quantized ones "
+                                "before it.", flag="--true-sequential/--no-true-sequential")
+    mse: bool | None = opt(None, "RTN/GPTQ: each group's range by least rounding error (|err|^2.4 over 80 shrink "
+                           "steps, GPTQ reference's mse option) instead of min-max. Default: on for gptq, off for rtn "
+                           "(RTN stays the plain min-max baseline).", flag="--mse/--no-mse")
+    damp: float = opt(0.01, "GPTQ dampening, a fraction of the Hessian's mean diagonal, in (0, 1).")
+    duo_scaling: bool = opt(False, "AWQ: scale by x^a / w^(1-a) instead of x^a.")
+    clip: bool = opt(True, "AWQ: search a clipping range per group.", flag="--clip/--no-clip")
+    awq_search_tokens: int = opt(8192, "AWQ: at most this many calibration tokens (whole windows) for its scale and "
+                                 "clipping searches, which keep their inputs: bounds AWQ's memory.")
+    calib: str | None = opt(None, "Calibration .txt/.jsonl file or HF dataset id (default: text shipped with quantool).",
+                            type=str)
+    nsamples: int = opt(128, "Calibration windows.")
+    seqlen: int = opt(512, "Tokens per calibration window.")
+    chunk_tokens: int = opt(4096, "Tokens per layer forward call: bounds the activations of one forward.")
+    expert_batch_bytes: int = opt(2**30, "MoE, GPTQ: at most this many bytes of experts' Hessians at once (more experts "
+                                  "take more passes over the block).")
+    expert_token_ratio: float = opt(2.0, "MoE: an expert matrix that received fewer calibration tokens than this many times its "
+                                    "input width is rounded to nearest (least-error ranges) instead: with fewer, GPTQ's "
+                                    "Hessian fits the tokens seen rather than the data (reports/expert-fallback.json).")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:1 ...")
+    seed: int = opt(0, "Seed of the calibration window sampling.")
+    module_bits: dict[str, int] | None = opt(None, "Bits per decoder linear by full name (quantool fit's choice); the "
+                                             "others take --bits.", cli=False)
 
     @property
     def format(self) -> str:
         """The checkpoint layout: AWQ GEMM for 4-bit AWQ, GPTQ v1 otherwise."""
         return "awq" if self.method == "awq" and self.bits == 4 else "gptq"
 
-    def spec(self) -> QuantSpec:
+    def spec(self) -> "QuantSpec":
+        from quantool.formats import LAYOUTS
+
         sym = self.sym and self.method != "awq"  # AWQ searches asymmetric (zero-point) groups, as llm-awq
         mse = self.method == "gptq" if self.mse is None else self.mse and self.method != "awq"
         return replace(LAYOUTS[self.format].spec(self.bits, self.group_size, sym), mse=mse)
 
+    def __post_init__(self) -> None:
+        self.method = Method.parse(self.method, "method")
+        self.order = Order.parse(self.order, "--order")
+
     def validate(self) -> "PTQConfig":
-        if self.method not in METHODS:
-            raise QuantoolError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.method in LAYERWISE:
             spec = self.spec()
             self.mse = spec.mse  # the method's default, resolved, so quantool.json records what ran
             spec.validate((3, 4) if self.method == "awq" else (2, 3, 4, 8))
-        if self.nsamples < 1 or self.seqlen < 8:
-            raise QuantoolError("--nsamples must be >= 1 and --seqlen >= 8")
+        if self.nsamples < 1 or self.seqlen < 8 or self.chunk_tokens < 1:
+            raise QuantoolError("--nsamples and --chunk-tokens must be >= 1 and --seqlen >= 8")
         if not 0 < self.damp < 1:
             raise QuantoolError(f"--damp {self.damp:g} is outside (0, 1): it is a fraction of the Hessian's mean diagonal, "
                                 f"e.g. 0.01 or 0.05")
-        if self.order not in ORDERS:
-            raise QuantoolError(f"unknown --order {self.order!r}: choose one of {', '.join(ORDERS)}")
         if self.static_groups and self.order != "act":
             raise QuantoolError("--static-groups only matters with --order act")
         if self.awq_search_tokens < 1:
             raise QuantoolError("--awq-search-tokens must be at least 1")
+        for bits in set((self.module_bits or {}).values()):
+            replace(self.spec(), bits=bits).validate()
         return self
+
+    def spec_for(self, name: str) -> "QuantSpec":
+        """The quantizer of one decoder linear (its own bits where `module_bits` names it)."""
+        spec = self.spec()
+        return replace(spec, bits=self.module_bits[name]) if self.module_bits and name in self.module_bits else spec

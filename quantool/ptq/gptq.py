@@ -1,44 +1,92 @@
 """GPTQ for one decoder layer (reference `llama_sequential`): Hessians from the layer's real inputs, one per
-input shared by several linears, quantized group after group (true-sequential) so each sees the linears
+input shared by several linears, quantized stage after stage (true-sequential) so each sees the linears
 quantized before it, then the layer's outputs from the quantized weights feed the next layer. A stage whose
 linears sit in a submodule that the previous stage's linears also sit in (down_proj in the MLP, after
-gate/up) recomputes its inputs from that submodule's recorded inputs, not from the layer's start."""
+gate/up) recomputes its inputs from that submodule's recorded inputs, not from the layer's start.
+
+Mixture-of-experts: all experts' matrices of one fused parameter form one stage, each expert with its own
+Hessian built from the tokens its router sent to it (`experts.record_expert_inputs`), in batches of experts
+whose Hessians fit `--expert-batch-bytes` (each batch one more pass over the block). An expert matrix that
+received fewer tokens than `--expert-token-ratio` times its input width is rounded to nearest instead."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 
 import torch
+from torch import nn
 
 from quantool.errors import QuantoolError
-from quantool.model.layerwise import collect_inputs, enclosing, record_call, record_outputs, run_layer
-from quantool.model.structure import LayerMap
-from quantool.ptq.report import LayerReport, bias_of, relative_error, set_weight
+from quantool.model.experts import record_expert_inputs
+from quantool.model.layerwise import collect_inputs, record_call, record_outputs, run_layer
+from quantool.model.structure import LayerMap, common_prefix
+from quantool.ptq.config import PTQConfig
+from quantool.ptq.layer_report import LayerReport, bias_of, relative_error, set_weight
 from quantool.quant.gptq import CholeskyError, Hessian, gptq_quantize
 from quantool.quant.quantizer import QuantizedWeight, QuantSpec
 
 
-def quantize_layer(layer, lmap: LayerMap, x, kwargs, spec: QuantSpec, cfg, device):
-    results, report = {}, LayerReport()
-    stages = [[group] for group in lmap.groups] if cfg.true_sequential else [lmap.groups]
+def _stages(lmap: LayerMap, cfg: PTQConfig) -> list[list[list[str]]]:
+    """True-sequential stages: each group of linears sharing an input is one, except that the experts of one fused
+    parameter (independent of each other) form one stage together."""
+    if not cfg.true_sequential:
+        return [lmap.groups]
+    stages: list[list[list[str]]] = []
+    for group in lmap.groups:
+        spec = lmap.expert_of(group[0])
+        if spec is not None and stages and lmap.expert_of(stages[-1][0][0]) == spec:
+            stages[-1].append(group)
+        else:
+            stages.append([group])
+    return stages
+
+
+def _batches(stage: list[list[str]], widths: dict[str, int], budget: int) -> list[list[list[str]]]:
+    """The stage's groups in batches whose fp32 Hessians fit `budget` bytes (a batch holds at least one group)."""
+    batches: list[list[list[str]]] = [[]]
+    used = 0
+    for group in stage:
+        size = 4 * widths[group[0]] ** 2
+        if batches[-1] and used + size > budget:
+            batches.append([])
+            used = 0
+        batches[-1].append(group)
+        used += size
+    return batches
+
+
+def quantize_layer(layer: nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: dict, specs: dict[str, QuantSpec], cfg: PTQConfig,
+                   device: torch.device) -> tuple[dict[str, QuantizedWeight], LayerReport, torch.Tensor]:
+    results: dict[str, QuantizedWeight] = {}
+    report = LayerReport()
+    stages = _stages(lmap, cfg)
     start, memo = None, {}
     for k, stage in enumerate(stages):
-        first = {group[0]: layer.get_submodule(group[0]) for group in stage}
-        hessians = {n: Hessian(m.in_features, device) for n, m in first.items()}
-        entry = _next_entry(stage, stages[k + 1] if k + 1 < len(stages) else None)
-        calls = {}
-        finished = [] if start else [m for m in _finished_children(layer, lmap, results) if m not in memo]
-        with record_call(layer.get_submodule(entry), calls, "cpu") if entry else nullcontext(), \
-                record_outputs(finished, memo):
-            collect_inputs(layer, x, kwargs, device, first, lambda n, inp: hessians[n].add(inp), start=start)
-        start = (layer.get_submodule(entry), calls["calls"]) if calls.get("calls") else None
-        for group in stage:
-            _quantize_group(layer, group, hessians[group[0]].H, spec, cfg, results, report)
-    start = calls = None  # the recorded calls go before the last pass, whose replayed outputs take their place
-    return results, report, run_layer(layer, x, kwargs, device, replay=memo)
+        units = {group[0]: lmap.unit(layer, group[0]) for group in stage}
+        entry = _next_entry(lmap, stage, stages[k + 1] if k + 1 < len(stages) else None)
+        stage_start = start
+        for b, batch in enumerate(_batches(stage, {n: u.in_features for n, u in units.items()}, cfg.expert_batch_bytes)):
+            hessians = {group[0]: Hessian(units[group[0]].in_features, device) for group in batch}
+            modules = {n: layer.get_submodule(n) for n in hessians if lmap.expert_of(n) is None}
+            wanted = set(hessians) - set(modules)
+            around = (lambda w=wanted, h=hessians: record_expert_inputs(layer, lmap.experts, w, lambda n, inp: h[n].add(inp))) if wanted else None
+            calls: dict = {}
+            finished = [] if stage_start else [m for m in _finished_children(layer, lmap, results) if m not in memo]
+            with record_call(layer.get_submodule(entry), calls, "cpu") if entry and b == 0 else nullcontext(), \
+                    record_outputs(finished, memo):
+                collect_inputs(layer, x, kwargs, device, modules, lambda n, inp, h=hessians: h[n].add(inp), cfg.chunk_tokens,
+                               start=stage_start, around=around)
+            if b == 0:
+                start = (layer.get_submodule(entry), calls["calls"]) if calls.get("calls") else None
+            for group in batch:
+                _quantize_group(layer, lmap, group, hessians[group[0]], specs[group[0]], cfg, results, report)
+            del hessians
+    start = None  # the recorded calls go before the last pass, whose replayed outputs take their place
+    _note_experts(lmap, report)
+    return results, report, run_layer(layer, x, kwargs, device, cfg.chunk_tokens, replay=memo)
 
 
-def _finished_children(layer, lmap: LayerMap, quantized) -> list:
+def _finished_children(layer: nn.Module, lmap: LayerMap, quantized: dict) -> list[nn.Module]:
     """The layer's direct submodules whose linears are all quantized already. Stages run in execution order, so
     their inputs are final too: their outputs in the next full pass are their outputs in the last one (the
     attention block, once o_proj is done, need not run again to give the layer's outputs)."""
@@ -49,11 +97,24 @@ def _finished_children(layer, lmap: LayerMap, quantized) -> list:
     return [layer.get_submodule(c) for c, names in inside.items() if all(n in quantized for n in names)]
 
 
-def _quantize_group(layer, group: list[str], H, spec: QuantSpec, cfg, results: dict, report: LayerReport):
+def _quantize_group(layer: nn.Module, lmap: LayerMap, group: list[str], hessian: Hessian, spec: QuantSpec, cfg: PTQConfig,
+                    results: dict, report: LayerReport) -> None:
     """The linears sharing one input as one matrix, their rows stacked: GPTQ treats rows independently given
     the shared H^-1 and each row's own group ranges, so this is quantizing them one by one (up to rounding in
-    the block products), with one column loop instead of one per linear."""
-    mods = [layer.get_submodule(name) for name in group]
+    the block products), with one column loop instead of one per linear. An expert matrix that saw too few
+    tokens is rounded to nearest."""
+    mods = [lmap.unit(layer, name) for name in group]
+    if lmap.expert_of(group[0]) is not None:
+        report.expert_tokens[group[0]] = hessian.n
+        if hessian.n < cfg.expert_token_ratio * mods[0].in_features:
+            w = mods[0].weight.data.float()
+            qw = QuantizedWeight.from_rtn(w, spec, None)
+            wq = qw.dequantize().to(w.device)
+            report.errors[group[0]] = relative_error(w, wq, None)
+            set_weight(mods[0], wq)
+            results[group[0]] = qw
+            return
+    H = hessian.H
     W = torch.cat([m.weight.data for m in mods]) if len(mods) > 1 else mods[0].weight.data
     try:
         res = gptq_quantize(W, H, spec, percdamp=cfg.damp, order=cfg.order, static_groups=cfg.static_groups)
@@ -69,12 +130,28 @@ def _quantize_group(layer, group: list[str], H, spec: QuantSpec, cfg, results: d
         results[name] = QuantizedWeight(q.cpu(), scale.cpu().contiguous(), zero.cpu().contiguous(), res.g_idx.cpu(), bias_of(mod))
 
 
-def _next_entry(stage: list[list[str]], following: list[list[str]] | None) -> str:
+def _note_experts(lmap: LayerMap, report: LayerReport) -> None:
+    """One line per fused parameter: tokens its experts received, and how many were rounded to nearest."""
+    for spec in lmap.experts:
+        counts = [report.expert_tokens[spec.unit(e)] for e in range(spec.experts) if spec.unit(e) in report.expert_tokens]
+        if counts:
+            counts.sort()
+            report.notes.append(f"{spec.param}: {len(counts)} experts, tokens per expert min {counts[0]}, median "
+                                f"{counts[len(counts) // 2]}, max {counts[-1]}")
+
+
+def _next_entry(lmap: LayerMap, stage: list[list[str]], following: list[list[str]] | None) -> str:
     """The submodule from which the following stage's inputs can be recomputed: the innermost one enclosing
-    that stage's linears, provided this stage's linears lie inside it too (so quantizing them cannot change
-    its input). Its inputs are recorded during this stage's pass, and the next pass runs it alone: the MLP's
-    down_proj stage then skips attention. '' when there is none."""
+    that stage's linears (for experts, the module owning their fused parameter), provided this stage's linears
+    lie inside it too (so quantizing them cannot change its input). Its inputs are recorded during this stage's
+    pass, and the next pass runs it alone: the MLP's down_proj stage then skips attention. '' when there is none."""
     if not following:
         return ""
-    entry = enclosing([n for group in following for n in group])
-    return entry if entry and all(n.startswith(entry + ".") for group in stage for n in group) else ""
+    names = [n for group in following for n in group]
+    modules = sorted({lmap.module_of(n) for n in names})
+    if all(lmap.expert_of(n) is not None for n in names):
+        entry = common_prefix(modules)
+    else:
+        entry = common_prefix([m.rsplit(".", 1)[0] if "." in m else "" for m in modules])
+    inside = all(lmap.module_of(n) == entry or lmap.module_of(n).startswith(entry + ".") for group in stage for n in group)
+    return entry if entry and inside else ""

@@ -13,10 +13,7 @@ from typing import Callable
 
 import torch
 
-from quantool.quant.quantizer import QuantSpec, group_index, qparams, quantize
-
-ORDERS = ("natural", "act", "group")
-
+from quantool.quant.quantizer import QuantSpec, dequantize_groups, group_index, qparams, quantize
 
 class CholeskyError(ValueError):
     """The damped Hessian stayed indefinite up to the largest damping tried."""
@@ -54,7 +51,7 @@ class Hessian:
 
 @dataclass
 class GPTQResult:
-    q: torch.Tensor  # int32 [out, in], original column order
+    q: torch.Tensor  # uint8 [out, in], original column order
     scale: torch.Tensor  # [groups, out]
     zero: torch.Tensor  # int32 [groups, out]
     g_idx: torch.Tensor  # int32 [in]: group of each input column
@@ -146,9 +143,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
 
     # the loop runs on transposed copies, so a column is a contiguous row and its update an in-place outer product
     WT = W.t().contiguous()
+    del W  # peak memory: copies of W are what GPTQ holds (a 7B gate/up stage stacks two 11008 x 4096 matrices)
     QT = torch.zeros_like(WT)
-    scales = torch.zeros(n_groups, rows, device=W.device)
-    zeros = torch.zeros(n_groups, rows, device=W.device)
+    scales = torch.zeros(n_groups, rows, device=WT.device)
+    zeros = torch.zeros(n_groups, rows, device=WT.device)
     scale = zero = None
     for i1, i2 in bounds:
         W1 = WT[i1:i2].clone()
@@ -171,11 +169,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
             Err1[i] = err
         WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
 
-    inv = torch.argsort(perm)
-    q = QT[inv].t().to(torch.int32)
+    del WT
+    q = QT[torch.argsort(perm)].t().to(torch.uint8)  # codes fit 8 bits
+    del QT
     g_idx = torch.empty(cols, dtype=torch.int32)
     g_idx[perm_cpu] = torch.tensor(group_of, dtype=torch.int32)
-    g_idx = g_idx.to(W.device)
+    g_idx = g_idx.to(q.device)
     zero_i = zeros.to(torch.int32)
-    weight = scales[g_idx.long()].t() * (q.float() - zero_i[g_idx.long()].t().float())
+    weight = dequantize_groups(q, scales, zero_i, g_idx)
     return GPTQResult(q, scales.to(scale_dtype), zero_i, g_idx, weight, damp)

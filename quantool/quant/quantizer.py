@@ -7,7 +7,7 @@ width that is not a multiple of the group size ends in a partial group (g_idx ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.nn import functional as F
@@ -38,6 +38,9 @@ class QuantSpec:
         """Number of groups, the last one partial where the width is not a multiple of the group size."""
         return -(-in_features // self.group_size_for(in_features))
 
+    def with_group(self, group_size: int) -> "QuantSpec":
+        return replace(self, group_size=group_size)
+
     def validate(self, allowed_bits=SUPPORTED_BITS) -> "QuantSpec":
         if self.bits not in allowed_bits:
             raise QuantoolError(f"--bits {self.bits} is not supported here: choose {', '.join(map(str, allowed_bits))}")
@@ -67,6 +70,22 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_groups(self.q, self.scale, self.zero, self.g_idx)
+
+    def rows(self, lo: int, hi: int) -> "QuantizedWeight":
+        """Output rows lo..hi as their own weight (one part of a fused matrix, e.g. an expert's gate of gate_up)."""
+        return QuantizedWeight(self.q[lo:hi], self.scale[:, lo:hi].contiguous(), self.zero[:, lo:hi].contiguous(), self.g_idx,
+                               None if self.bias is None else self.bias[lo:hi])
+
+    @property
+    def group_size(self) -> int:
+        """Columns per group (the first group's, should the last be partial); -1 for one group per row."""
+        return -1 if self.scale.shape[0] == 1 else int((self.g_idx == 0).sum())
+
+    @classmethod
+    def from_rtn(cls, w: torch.Tensor, spec: "QuantSpec", bias: torch.Tensor | None = None) -> "QuantizedWeight":
+        """Round-to-nearest codes of w [out, in] in contiguous groups, on the CPU."""
+        q, scale, zero = quantize_groups(w, spec)
+        return cls(q.cpu(), scale.cpu(), zero.cpu(), group_index(w.shape[1], spec.group_size_for(w.shape[1])), bias)
 
 
 def qparams(w: torch.Tensor, spec: QuantSpec, grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4
@@ -117,8 +136,8 @@ def _affine(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec) -> tuple[to
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes for w given per-row (broadcastable) scale and zero."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    """Integer codes (as floats) for w given per-row (broadcastable) scale and zero; one temporary, worked in place."""
+    return (w / scale).round_().add_(zero).clamp_(0, maxq)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -141,19 +160,28 @@ def _groups_as_rows(w: torch.Tensor, spec: QuantSpec, scale_dtype) -> tuple[torc
 
 
 def quantize_groups(w: torch.Tensor, spec: QuantSpec, scale_dtype=torch.float16):
-    """RTN over groups. Returns (q [out, in] int, scale [groups, out], zero [groups, out] int).
+    """RTN over groups. Returns (q [out, in] uint8, scale [groups, out], zero [groups, out] int32).
 
     Scales are rounded to scale_dtype first, so the stored checkpoint dequantizes to exactly these values.
     """
     out_f, in_f = w.shape
     wg, scale, zero = _groups_as_rows(w, spec, scale_dtype)
     q = quantize(wg, scale, zero, spec.maxq).reshape(out_f, -1)[:, :in_f]
-    return (q.to(torch.int32), scale.reshape(out_f, -1).t().contiguous().to(scale_dtype),
+    return (q.to(torch.uint8), scale.reshape(out_f, -1).t().contiguous().to(scale_dtype),
             zero.reshape(out_f, -1).t().contiguous().to(torch.int32))
 
 
 def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
-    """Float weight [out, in] from codes and per-group [groups, out] scale/zero; g_idx maps input column -> group."""
+    """Float weight [out, in] from codes and per-group [groups, out] scale/zero; g_idx maps input column -> group.
+
+    Contiguous whole groups (the common case) are worked in place on one float copy of the codes, with no
+    gathered [out, in] scale and zero (the same operations, so the same values): a linear costs one float copy,
+    not four."""
+    out_f, in_f = q.shape
+    groups = scale.shape[0]
+    if in_f % groups == 0 and torch.equal(g_idx.cpu(), group_index(in_f, in_f // groups)):
+        w = q.float().view(out_f, groups, in_f // groups)
+        return w.sub_(zero.float().t()[:, :, None]).mul_(scale.float().t()[:, :, None]).view(out_f, in_f)
     s = scale.float()[g_idx.long()].t()
     z = zero.float()[g_idx.long()].t()
     return s * (q.float() - z)

@@ -14,33 +14,56 @@ from typing import Callable
 import torch
 
 from quantool import __version__
-from quantool.device import resolve_device
+from quantool.device import cpu_has_bf16, default_dtype, resolve_device, speed_dtype
 from quantool.errors import QuantoolError
 from quantool.eval.perplexity import perplexity
 from quantool.eval.speed import measure_speed
-from quantool.formats.loading import checkpoint_kind, load_model
+from quantool.formats.loading import load_model
+from quantool.model.source import is_hub_id
 from quantool.formats.qlinear import QuantLinear
-from quantool.model.calibration import fit_context, read_text, tokenize
+from quantool.text import fit_context, read_text, tokenize
+from quantool.util.config import Choice, opt
 
 RESULTS_FORMAT = "quantool-results/1"
 
 
+class Kernel(Choice):
+    AUTO = "auto"  # tinygemm for 4-bit where the shape allows; dequant otherwise
+    TINYGEMM = "tinygemm"
+    DEQUANT = "dequant"
+
+
 @dataclass
 class BenchConfig:
-    ppl: bool = True
-    speed: bool = False
-    text: str | None = None  # evaluation text file (default: quantool's shipped text)
-    ctx: int = 2048
-    stride: int | None = None
-    batch: int = 8
-    max_tokens: int | None = None
-    batch_sizes: tuple[int, ...] = (1, 8)
-    prompt: int = 128
-    new_tokens: int = 32
-    repeats: int = 3
-    device: str = "auto"
-    kernel: str = "auto"  # auto: tinygemm for 4-bit where the shape allows; dequant otherwise
-    text_range: tuple[float, float] = (0.0, 1.0)  # fraction of the text to evaluate on (disjoint from calibration)
+    ppl: bool = opt(True, "Measure perplexity.", flag="--ppl/--no-ppl")
+    speed: bool = opt(False, "Measure prefill/decode throughput, time to first token, peak memory.")
+    text: str | None = opt(None, "Evaluation text file (default: quantool's shipped text).", type=str)
+    ctx: int = opt(2048, "Window length (capped at the model's maximum).")
+    stride: int | None = opt(None, "Sliding-window evaluation with this stride.", type=int)
+    batch: int = opt(8, "Windows per forward pass.")
+    max_tokens: int | None = opt(None, "Evaluate at most this many tokens.", type=int)
+    batch_sizes: tuple[int, ...] = opt((1, 8), "Batch sizes for --speed, e.g. 1,8.")
+    prompt: int = opt(128, "Prompt tokens for --speed.")
+    new_tokens: int = opt(32, "Generated tokens for --speed.")
+    repeats: int = opt(3, "Timed runs per measurement (the median is kept).")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:1 ...")
+    kernel: Kernel = opt(Kernel.AUTO, "Low-bit kernel for GPTQ/AWQ/RTN checkpoints in --speed (auto: tinygemm for 4-bit "
+                         "where the shape allows).", choices=Kernel)
+    text_range: tuple[float, float] = opt((0.0, 1.0), "Fractions of the text's tokens to use, e.g. 0.5,1 (keep it disjoint "
+                                          "from calibration).")
+
+    def __post_init__(self) -> None:
+        self.kernel = Kernel.parse(self.kernel, "--kernel")
+
+    def validate(self) -> "BenchConfig":
+        if not self.ppl and not self.speed:
+            raise QuantoolError("nothing to measure: drop --no-ppl or add --speed")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise QuantoolError(f"batch sizes must be positive, got {self.batch_sizes}")
+        lo, hi = self.text_range
+        if not 0 <= lo < hi <= 1:
+            raise QuantoolError(f"--text-range needs 0 <= start < end <= 1, got {lo},{hi}")
+        return self
 
 
 def environment(device: torch.device) -> dict:
@@ -48,7 +71,7 @@ def environment(device: torch.device) -> dict:
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "quantool": __version__, "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-           "cpu_count": os.cpu_count(), "device": str(device),
+           "cpu_count": os.cpu_count(), "device": str(device), "cpu_bf16": cpu_has_bf16(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -116,6 +139,7 @@ def _kernels(model) -> dict[str, int]:
 
 
 def run_bench(paths: list[str], cfg: BenchConfig, on_step: Callable[[str, int, int], None] | None = None) -> dict:
+    cfg.validate()
     device = resolve_device(cfg.device)
     if not paths:
         raise QuantoolError("give at least the baseline MODEL")
@@ -125,17 +149,20 @@ def run_bench(paths: list[str], cfg: BenchConfig, on_step: Callable[[str, int, i
                                                  "description": "text tokenized once (BOS at start), non-overlapping windows of ctx tokens, every token after each window's first scored"
                                                  if cfg.stride is None else "sliding windows, each scoring its last `stride` tokens"},
                             "speed": cfg.speed and {"batch_sizes": list(cfg.batch_sizes), "prompt_tokens": cfg.prompt,
-                                                    "new_tokens": cfg.new_tokens, "repeats": cfg.repeats}},
+                                                    "new_tokens": cfg.new_tokens, "repeats": cfg.repeats,
+                                                    "dtype": str(speed_dtype(device)).removeprefix("torch."),
+                                                    "dtype_native": device.type == "cuda" or speed_dtype(device) != torch.float16}},
                "models": []}
     text = read_text(cfg.text) if cfg.ppl else None
     baseline_ids = None
     for i, path in enumerate(paths):
         p = Path(path)
-        if not p.exists() and checkpoint_kind(p) != "hub":
-            raise QuantoolError(f"{path} does not exist")
+        if not p.exists() and not is_hub_id(path):
+            raise QuantoolError(f"{path} does not exist: pass a model folder or a hub id like org/name")
         entry = describe_checkpoint(p)
         entry["baseline"] = i == 0
-        model, tok = load_model(p, device=device, kernel="dequant")
+        ppl_dtype, fast_dtype = default_dtype(device), speed_dtype(device)
+        model, tok = load_model(p, device=device, dtype=ppl_dtype if cfg.ppl else fast_dtype)
         if cfg.ppl:
             ids = tokenize(tok, text)
             if baseline_ids is None:
@@ -148,6 +175,9 @@ def run_bench(paths: list[str], cfg: BenchConfig, on_step: Callable[[str, int, i
             entry["ppl"] = perplexity(model, ids[lo:hi], ctx, cfg.stride, cfg.batch, cfg.max_tokens,
                                       on_step=(lambda s, n, name=entry["name"]: on_step(f"ppl {name}", s, n)) if on_step else None)
         if cfg.speed:
+            if cfg.ppl and fast_dtype != ppl_dtype:  # perplexity in fp32 on a CPU; speed in what a user would run
+                del model
+                model, tok = load_model(p, device=device, dtype=fast_dtype)
             chosen = "tinygemm" if cfg.kernel == "auto" else cfg.kernel
             for m in model.modules():
                 if isinstance(m, QuantLinear):

@@ -1,5 +1,5 @@
-"""Calibration text: a file (.txt, .jsonl with a "text" field), an HF dataset name (online), or the default
-text shipped with quantool; cut into token windows."""
+"""Text for calibration, training and evaluation: a file (.txt, .jsonl with a "text" field), an HF dataset name
+(online), or the default text shipped with quantool; tokenized once and cut into token windows."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -13,6 +14,7 @@ class LayerReport:
     seconds: float = 0.0
     errors: dict[str, float] = field(default_factory=dict)  # relative output error per linear
     notes: list[str] = field(default_factory=list)
+    expert_tokens: dict[str, int] = field(default_factory=dict)  # tokens each expert matrix received (MoE, calibrated)
 
 
 def relative_error(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor | None, rows: int = 1024) -> float:
@@ -38,10 +40,10 @@ def relative_error(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor | None, ro
     return (max(err, 0.0) / max(ref, 1e-30)) ** 0.5
 
 
-def set_weight(module: torch.nn.Linear, w: torch.Tensor):
-    """Replace a linear's weight values in place (its dtype and device stay)."""
+def set_weight(module: Any, w: torch.Tensor) -> None:
+    """Replace a linear's weight values in place (its dtype and device stay; a view writes through)."""
     module.weight.data.copy_(w.to(module.weight.dtype))
 
 
-def bias_of(module: torch.nn.Linear) -> torch.Tensor | None:
+def bias_of(module: Any) -> torch.Tensor | None:
     return module.bias.detach().to("cpu", torch.float16) if module.bias is not None else None

@@ -12,11 +12,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from quantool.atomic import write_json
+from quantool.util.atomic import write_json
 from quantool.memory.measure import measure
-from quantool.memory.plan import Job, estimate
+from quantool.memory.job import Job
+from quantool.memory.plan import estimate
 from quantool.memory.shapes import resolve_model
-from quantool.units import fmt_bytes
+from quantool.util.units import fmt_bytes
 
 
 def label(job: Job) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantool.atomic import write_text
-from quantool.units import fmt_bytes
+from quantool.util.atomic import write_text
+from quantool.util.units import fmt_bytes
 
 
 def _pct(a: float, b: float) -> str:
@@ -27,6 +27,7 @@ def rows(data: dict) -> list[dict]:
             r["ppl"] = m["ppl"]["ppl"]
             r["dppl"] = m["ppl"]["ppl"] - base["ppl"]["ppl"]
             r["dppl_pct"] = _pct(m["ppl"]["ppl"], base["ppl"]["ppl"])
+        native = (data["protocol"].get("speed") or {}).get("dtype_native", False)
         if m.get("speed") and base.get("speed"):
             for b, s in m["speed"]["by_batch"].items():
                 bs = base["speed"]["by_batch"].get(b)
@@ -34,7 +35,7 @@ def rows(data: dict) -> list[dict]:
                 r[f"decode_b{b}"] = s["decode_tokens_per_s"]
                 r[f"ttft_b{b}"] = s["time_to_first_token_s"]
                 r[f"peak_b{b}"] = s.get("peak_memory_bytes")
-                if bs:
+                if bs and native:  # no speed-up against a baseline that ran an emulated dtype (or an unrecorded one)
                     r[f"speedup_b{b}"] = s["decode_tokens_per_s"] / bs["decode_tokens_per_s"]
             r["kernels"] = m.get("kernels", {})
         out.append(r)
@@ -81,9 +82,12 @@ def markdown(data: dict, images: dict[str, str]) -> str:
             lines += [f"![perplexity vs size]({images['ppl']})", ""]
     speed = data["protocol"].get("speed")
     if speed:
+        dtype = (f"Models ran in {speed['dtype']}" + (" (this CPU has bf16 units)" if speed["dtype"] == "bfloat16" and env["device"] == "cpu"
+                                                     else "") + "." if speed.get("dtype") else
+                 "The dtype the models ran in was not recorded, so no speed-up is given.")
         lines += ["## Speed", "",
                   f"Greedy generation, prompt {speed['prompt_tokens']} tokens, {speed['new_tokens']} new tokens, median of "
-                  f"{speed['repeats']} runs after a warm-up; decode = (t(N) - t(1)) / (N - 1) tokens.", ""]
+                  f"{speed['repeats']} runs after a warm-up; decode = (t(N) - t(1)) / (N - 1) tokens. {dtype}", ""]
         for b in speed["batch_sizes"]:
             lines += [f"Batch {b}:", "", "| model | prefill tok/s | decode tok/s | decode speedup | time to first token | peak memory |",
                       "|---|---|---|---|---|---|"]

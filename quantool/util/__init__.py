@@ -1,0 +1,1 @@
+"""Small utilities with no knowledge of models: atomic writes, output folders, units, fault points, allocator."""
