@@ -11,21 +11,21 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from quantool import __version__
+from quantool import __version__, text
 from quantool.device import resolve_device
 from quantool.errors import QuantoolError
-from quantool.formats import LayoutConfig, ModuleQuant, gptq, model_group
+from quantool.formats import LAYOUTS, LayoutConfig, ModuleQuant, gptq, model_group
 from quantool.formats.checkpoint import checkpoint_tensors, finalize
 from quantool.formats.shards import ShardedWriter
-from quantool import text
 from quantool.model.source import ModelSource
 from quantool.model.structure import decoder_layers
 from quantool.quant.quantizer import QuantizedWeight, QuantSpec, fake_quantize
@@ -59,7 +59,7 @@ class QATConfig:
     def spec(self) -> QuantSpec:
         return gptq.spec(self.bits, self.group_size, self.sym)  # the converted checkpoint's layout
 
-    def validate(self) -> "QATConfig":
+    def validate(self) -> QATConfig:
         self.spec().validate()
         if self.act_bits not in (None, 8):
             raise QuantoolError(f"--act-bits {self.act_bits} is not supported: use 8 (dynamic per-token int8) or leave it off")
@@ -120,7 +120,7 @@ class FakeQuantLinear(nn.Module):
 def _group(model: nn.Module, cfg: QATConfig) -> int:
     """The group size the checkpoint's loaders can run for this model's decoder linears (`formats.model_group`)."""
     shapes = [(m.out_features, m.in_features) for m in decoder_layers(model)[1].modules() if isinstance(m, nn.Linear)]
-    return model_group(gptq, cfg.bits, shapes, cfg.group_size) or cfg.group_size
+    return model_group(LAYOUTS["gptq"], cfg.bits, shapes, cfg.group_size) or cfg.group_size
 
 
 def attach(model: nn.Module, cfg: QATConfig) -> list[str]:
@@ -144,7 +144,7 @@ def convert(model: nn.Module, names: list[str]) -> dict[str, QuantizedWeight]:
     """Quantize the merged weights for real and put plain nn.Linear back (with the dequantized weights)."""
     results = {}
     for name in names:
-        fq = model.get_submodule(name)
+        fq: Any = model.get_submodule(name)
         w = fq.merged().detach().float()
         qw = QuantizedWeight.from_rtn(w, fq.spec, fq.bias.detach().cpu().half() if fq.bias is not None else None)
         lin = nn.Linear(w.shape[1], w.shape[0], bias=fq.bias is not None, device=w.device, dtype=fq.weight.dtype)
@@ -188,6 +188,7 @@ def train(model_path: str, out: str | Path, cfg: QATConfig, eval_fn: Callable | 
 
 def _train(model, tok, model_path, work: Path, cfg: QATConfig, device, eval_fn, resume, on_step, log) -> dict:
     model.to(device)
+    eval_seconds = 0.0  # time spent evaluating, left out of the reported cost
 
     def evaluate():
         """Perplexity after training; its time is left out of the reported training cost."""
@@ -225,7 +226,7 @@ def _train(model, tok, model_path, work: Path, cfg: QATConfig, device, eval_fn, 
     batches = _batches(ids, cfg, gen)
     model.train()
     autocast = device.type == "cuda"
-    t0, eval_seconds = time.perf_counter(), 0.0  # the reported cost: training, conversion, writing
+    t0 = time.perf_counter()  # the reported cost: training, conversion, writing
 
     def seconds() -> float:
         """Training time so far, the sessions before a resume included, evaluations excluded."""
@@ -262,7 +263,7 @@ def _train(model, tok, model_path, work: Path, cfg: QATConfig, device, eval_fn, 
     return summary
 
 
-def _write(ckpt: Path, model: nn.Module, tok, results: dict[str, QuantizedWeight], cfg: QATConfig, meta: dict, log) -> None:
+def _write(ckpt: Path, model: Any, tok, results: dict[str, QuantizedWeight], cfg: QATConfig, meta: dict, log) -> None:
     """The converted model as a GPTQ v1 checkpoint (a tied output head is stored once, as the embedding), written
     whole from the final training state: a resumed run writes it all again."""
     shutil.rmtree(ckpt, ignore_errors=True)

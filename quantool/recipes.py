@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
-from quantool.util.atomic import write_json
-from quantool.eval.bench import BenchConfig, run_bench
 from quantool.errors import QuantoolError
-from quantool.ptq import PTQConfig, quantize_model
+from quantool.eval.bench import BenchConfig, run_bench
 from quantool.eval.report import write_report
+from quantool.ptq import PTQConfig, quantize_model
+from quantool.util.atomic import write_json
 
 
 @dataclass

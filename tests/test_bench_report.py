@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from quantool.util.atomic import write_json
-from quantool.eval.bench import BenchConfig, read_results, run_bench
 from quantool.cli import main
 from quantool.errors import QuantoolError
+from quantool.eval.bench import BenchConfig, read_results, run_bench
 from quantool.eval.perplexity import windows
 from quantool.recipes import load_recipe
+from quantool.util.atomic import write_json
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

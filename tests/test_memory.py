@@ -204,7 +204,7 @@ def test_quantized_weight_bytes_match_bitsandbytes(quant, tmp_path):
     qc = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16) if quant == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
     model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=qc, device_map={"": "cpu"})
-    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    nbytes = lambda t: t.numel() * t.element_size()
     measured = 0
     for mod in model.modules():
         if isinstance(mod, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
@@ -362,7 +362,7 @@ def test_measure_workloads_build_and_run_on_cpu(job):
     model, run = build_workload(shape, job, "cpu")
     losses = run()
     if job.training:
-        assert len(losses) == 2 and all(l == l for l in losses)  # finite, not NaN
+        assert len(losses) == 2 and all(x == x for x in losses)  # finite, not NaN
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert trainable == estimate(shape, job).trainable_params
 
@@ -381,7 +381,7 @@ def test_live_at_peak_replays_the_allocator_trace():
     from quantool.memory.measure import live_at_peak
 
     site = "/x/site-packages/"
-    frames = lambda f, fn: [{"filename": site + "torch/nn/modules/module.py", "name": "_call_impl"},  # noqa: E731
+    frames = lambda f, fn: [{"filename": site + "torch/nn/modules/module.py", "name": "_call_impl"},
                             {"filename": site + f, "name": fn, "line": 1}]
     events = [
         {"action": "alloc", "addr": 1, "size": 100, "frames": frames("transformers/models/llama/modeling_llama.py", "forward")},

@@ -60,7 +60,7 @@ def test_transformers_loads_and_generates_our_checkpoint(tmp_path, story_text, s
     calib.write_text(story_text[:30000])
     out = tmp_path / "q"
     quantize_model(str(model), out, PTQConfig(calib=str(calib), nsamples=4, seqlen=64, device="cpu", **cfg))
-    ours, tok = quantool.load(out)
+    ours, _tok = quantool.load(out)
     peer, info = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.float16, output_loading_info=True)
     assert not info["missing_keys"], info["missing_keys"]  # nothing initialized at random (modules the config skips)
     ids = torch.randint(3, 512, (1, 32))
@@ -101,4 +101,36 @@ def test_gptqmodel_loads_our_moe_checkpoint(tmp_path, story_text):
     diff = float((a - b).abs().max() / a.abs().max())
     RESULTS["qwen3_moe-gptq-4-32 (GPTQModel.load)"] = {"peer_module": type(peer.model.get_submodule(
         "model.layers.0.self_attn.q_proj")).__name__, "max_rel_logit_diff": diff}
+    assert diff < 0.02
+
+
+def test_peer_loads_fit_mixed_widths(tmp_path, story_text):
+    """quantool fit's checkpoint (per-module widths as GPT-QModel `dynamic` overrides) loads through GPT-QModel's
+    loader with each module at its own width, and computes what quantool.load computes. (transformers'
+    from_pretrained, through optimum, reads no `dynamic` rules: it would build every module at the default width.)"""
+    from gptqmodel import GPTQModel
+
+    from quantool.fit import FitConfig, fit
+    from quantool.memory.job import Job
+
+    model = make_tiny_llama(tmp_path / "m", hidden=128, intermediate=256, layers=3)
+    calib = tmp_path / "c.txt"
+    calib.write_text(story_text[:30000])
+    ptq = PTQConfig(group_size=32, calib=str(calib), nsamples=4, seqlen=64, device="cpu")
+    job = Job(seq=256, gen=16)
+    peaks = [fit(str(model), None, FitConfig(candidates=(b,), budget="1TiB"), job, ptq, log=lambda m: None)["peak_bytes"] for b in (2, 8)]
+    summary = fit(str(model), tmp_path / "q", FitConfig(budget=str(sum(peaks) // 2)), job, ptq, log=lambda m: None)
+    assert len(set(summary["bits"].values())) > 1
+    ours, _ = quantool.load(tmp_path / "q")
+    peer = GPTQModel.load(str(tmp_path / "q"), device="cpu")
+    for name, bits in summary["bits"].items():
+        assert peer.model.get_submodule(name).bits == bits, name
+    ids = torch.randint(3, 512, (1, 32))
+    with torch.no_grad():
+        a, b = ours(ids).logits.float(), peer.model(ids).logits.float()
+        assert peer.model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False).shape[1] == 36
+    diff = float((a - b).abs().max() / a.abs().max())
+    RESULTS["fit-mixed-" + "-".join(f"{b}x{n}" for b, n in sorted(summary["widths"].items())) + " (GPTQModel.load)"] = {
+        "peer_module": type(peer.model.get_submodule("model.layers.0.self_attn.q_proj")).__name__, "max_rel_logit_diff": diff,
+        "generated_tokens": 4}
     assert diff < 0.02

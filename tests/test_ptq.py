@@ -21,8 +21,8 @@ from quantool.errors import QuantoolError
 from quantool.eval.perplexity import perplexity
 from quantool.formats import LAYOUTS, checkpoint
 from quantool.formats.qlinear import QuantLinear
-from quantool.text import tokenize
 from quantool.ptq import PTQConfig, quantize_model
+from quantool.text import tokenize
 
 from conftest import TINYSTORIES, load_json, make_tiny_llama
 
@@ -61,7 +61,7 @@ def test_streamed_checkpoint_equals_in_memory_path(tiny_llama, tmp_path, story_t
     assert any("loading the whole model" in n for n in notes)
     a, b = tensors_of(tmp_path / "streamed"), tensors_of(tmp_path / "in-memory")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-    qcfg = lambda p: json.loads((p / "config.json").read_text())["quantization_config"]  # noqa: E731
+    qcfg = lambda p: json.loads((p / "config.json").read_text())["quantization_config"]
     assert qcfg(tmp_path / "streamed") == qcfg(tmp_path / "in-memory")
 
 

@@ -47,7 +47,7 @@ def test_mse_range_is_the_least_error_shrink(sym):
     w = torch.randn(12, 64)
     w[0, 3], w[5, 9] = 9.0, -7.0  # outliers worth clipping at 3 bits
     spec = QuantSpec(3, 64, sym)
-    scale, zero = qparams(w, replace(spec, mse=True))
+    scale, _zero = qparams(w, replace(spec, mse=True))
     for r in range(12):
         row = w[r].double()
         lo, hi = min(row.min().item(), 0.0), max(row.max().item(), 0.0)
@@ -191,7 +191,7 @@ def test_gptq_beats_rtn_on_correlated_inputs():
     spec = QuantSpec(4, 32, True)
     res = gptq_quantize(W, H.H, spec)
     q, s, z = quantize_groups(W, spec)
-    err = lambda Wq: ((x @ (W - Wq).t()) ** 2).mean()  # noqa: E731
+    err = lambda Wq: ((x @ (W - Wq).t()) ** 2).mean()
     assert err(res.weight) < 0.7 * err(dequantize_groups(q, s, z, group_index(64, 32)))
 
 
@@ -234,7 +234,7 @@ def test_awq_clip_never_hurts():
     W[0, 0] = 12  # an outlier weight that widens its group's range
     spec = QuantSpec(3, 32, False)
     clipped = apply_clip(W, search_clip(W, x, spec), spec)
-    err = lambda w: ((x @ (rtn(w, spec) - W).t()) ** 2).mean()  # noqa: E731
+    err = lambda w: ((x @ (rtn(w, spec) - W).t()) ** 2).mean()
     assert err(clipped) <= err(W)
 
 

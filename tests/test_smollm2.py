@@ -18,9 +18,9 @@ from quantool.eval.perplexity import perplexity
 from quantool.formats import LAYOUTS
 from quantool.formats.checkpoint import weight_files
 from quantool.formats.qlinear import QuantLinear
-from quantool.text import tokenize
 from quantool.ptq import PTQConfig, quantize_model
 from quantool.quant.quantizer import QuantizedWeight
+from quantool.text import tokenize
 
 from conftest import SHARED
 

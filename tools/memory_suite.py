@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
-from quantool.util.atomic import write_json
-from quantool.memory.measure import measure
 from quantool.memory.job import Job
+from quantool.memory.measure import measure
 from quantool.memory.plan import estimate
 from quantool.memory.shapes import resolve_model
+from quantool.util.atomic import write_json
 from quantool.util.units import fmt_bytes
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import transformers
+
 from child_rusage import measure
 
 ROOT = Path(__file__).resolve().parents[1]

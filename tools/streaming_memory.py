@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import transformers
+
 from child_rusage import measure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ RUNS = {"rtn": ["rtn"], "gptq": ["gptq", "--nsamples", "16"], "awq": ["awq", "--
 
 
 def machine() -> dict:
-    mem = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+    mem = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
     return {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "ram_bytes": mem,
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 

@@ -64,7 +64,7 @@ def memory(params: str | None, model_spec: str | None, calib_file: str | None, g
         value, _ = solve(shape, job, gpu.bytes, solve_for)
         if value == 0:
             raise QuantoolError(f"even {solve_for} 1 does not fit {gpu.name}: reduce the model, use --quant nf4/qlora, or add --gpus")
-        job = replace(job, **{solve_for: value})
+        job = job.with_value(solve_for, value)
         solved = {solve_for: value}
     plan = estimate(shape, job)
     measured = None

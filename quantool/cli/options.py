@@ -4,8 +4,9 @@ the dataclass (its metadata, `util.config.opt`), so a command and the library sh
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 import click
 

@@ -7,9 +7,10 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 
@@ -19,8 +20,8 @@ from quantool.errors import QuantoolError
 from quantool.eval.perplexity import perplexity
 from quantool.eval.speed import measure_speed
 from quantool.formats.loading import load_model
-from quantool.model.source import is_hub_id
 from quantool.formats.qlinear import QuantLinear
+from quantool.model.source import is_hub_id
 from quantool.text import fit_context, read_text, tokenize
 from quantool.util.config import Choice, opt
 
@@ -55,7 +56,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         self.kernel = Kernel.parse(self.kernel, "--kernel")
 
-    def validate(self) -> "BenchConfig":
+    def validate(self) -> BenchConfig:
         if not self.ppl and not self.speed:
             raise QuantoolError("nothing to measure: drop --no-ppl or add --speed")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -138,16 +139,21 @@ def _kernels(model) -> dict[str, int]:
     return counts
 
 
+def _named_step(on_step: Callable[[str, int, int], None] | None, name: str) -> Callable[[int, int], None] | None:
+    return None if on_step is None else lambda done, total: on_step(name, done, total)
+
+
 def run_bench(paths: list[str], cfg: BenchConfig, on_step: Callable[[str, int, int], None] | None = None) -> dict:
     cfg.validate()
     device = resolve_device(cfg.device)
     if not paths:
         raise QuantoolError("give at least the baseline MODEL")
-    results = {"format": RESULTS_FORMAT, "environment": environment(device), "command": " ".join(sys.argv),
+    results: dict[str, Any] = {"format": RESULTS_FORMAT, "environment": environment(device), "command": " ".join(sys.argv),
                "protocol": {"ppl": cfg.ppl and {"ctx": cfg.ctx, "stride": cfg.stride, "text": cfg.text or "quantool default text",
                                                  "text_range": list(cfg.text_range), "max_tokens": cfg.max_tokens,
-                                                 "description": "text tokenized once (BOS at start), non-overlapping windows of ctx tokens, every token after each window's first scored"
-                                                 if cfg.stride is None else "sliding windows, each scoring its last `stride` tokens"},
+                                                 "description": "text tokenized once (BOS at start), non-overlapping windows of ctx tokens, "
+                                                                "every token after each window's first scored" if cfg.stride is None
+                                                 else "sliding windows, each scoring its last `stride` tokens"},
                             "speed": cfg.speed and {"batch_sizes": list(cfg.batch_sizes), "prompt_tokens": cfg.prompt,
                                                     "new_tokens": cfg.new_tokens, "repeats": cfg.repeats,
                                                     "dtype": str(speed_dtype(device)).removeprefix("torch."),
@@ -163,7 +169,7 @@ def run_bench(paths: list[str], cfg: BenchConfig, on_step: Callable[[str, int, i
         entry["baseline"] = i == 0
         ppl_dtype, fast_dtype = default_dtype(device), speed_dtype(device)
         model, tok = load_model(p, device=device, dtype=ppl_dtype if cfg.ppl else fast_dtype)
-        if cfg.ppl:
+        if text is not None:
             ids = tokenize(tok, text)
             if baseline_ids is None:
                 baseline_ids = ids
@@ -173,7 +179,7 @@ def run_bench(paths: list[str], cfg: BenchConfig, on_step: Callable[[str, int, i
             lo, hi = (int(f * ids.numel()) for f in cfg.text_range)
             ctx = fit_context(cfg.ctx, model.config)
             entry["ppl"] = perplexity(model, ids[lo:hi], ctx, cfg.stride, cfg.batch, cfg.max_tokens,
-                                      on_step=(lambda s, n, name=entry["name"]: on_step(f"ppl {name}", s, n)) if on_step else None)
+                                      on_step=_named_step(on_step, f"ppl {entry['name']}"))
         if cfg.speed:
             if cfg.ppl and fast_dtype != ppl_dtype:  # perplexity in fp32 on a CPU; speed in what a user would run
                 del model

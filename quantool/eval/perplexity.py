@@ -6,7 +6,7 @@ its last `stride` tokens, so every scored token sees up to ctx - 1 tokens of con
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
@@ -52,8 +52,8 @@ def perplexity(model, ids: torch.Tensor, ctx: int, stride: int | None = None, ba
             total_tokens += e - first
         if on_step:
             on_step(step + 1, len(groups))
-    nll = total_nll / total_tokens
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": total_tokens, "windows": len(spans), "ctx": ctx, "stride": stride}
+    mean_nll = total_nll / total_tokens
+    return {"ppl": math.exp(mean_nll), "nll": mean_nll, "tokens": total_tokens, "windows": len(spans), "ctx": ctx, "stride": stride}
 
 
 def evaluator(text: str, text_range: tuple[float, float] = (0.0, 1.0), ctx: int = 2048, max_tokens: int | None = None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 from quantool.util.atomic import write_text
 from quantool.util.units import fmt_bytes
@@ -35,7 +36,8 @@ def rows(data: dict) -> list[dict]:
                 r[f"decode_b{b}"] = s["decode_tokens_per_s"]
                 r[f"ttft_b{b}"] = s["time_to_first_token_s"]
                 r[f"peak_b{b}"] = s.get("peak_memory_bytes")
-                if bs and native:  # no speed-up against a baseline that ran an emulated dtype (or an unrecorded one)
+                if bs and native and s["decode_tokens_per_s"] and bs["decode_tokens_per_s"]:
+                    # no speed-up against a baseline that ran an emulated dtype (or an unrecorded one), or unmeasured
                     r[f"speedup_b{b}"] = s["decode_tokens_per_s"] / bs["decode_tokens_per_s"]
             r["kernels"] = m.get("kernels", {})
         out.append(r)
@@ -123,7 +125,7 @@ def plots(data: dict, stem: Path) -> dict[str, Path]:
         # there are ten or more of them
         fig, ax = plt.subplots(figsize=(9, 4.5))
         markers = "osD^v<>phX*P"
-        colors = plt.get_cmap("tab10").colors
+        colors = cast(Any, plt.get_cmap("tab10")).colors
         for i, r in enumerate(pts):
             ax.scatter(r["size"] / 2**20, r["ppl"], s=50, marker=markers[i % len(markers)], color=colors[i % len(colors)],
                        label=f"{r['label']}: {r['ppl']:.2f}, {r['size'] / 2**20:.0f} MiB")

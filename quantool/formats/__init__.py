@@ -7,7 +7,7 @@ A layout is a module with the functions of `Layout`; `LayoutConfig` is what its 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 
@@ -78,7 +78,7 @@ def model_group(layout: Layout, bits: int, shapes: list[tuple[int, int]], reques
 def _layouts() -> dict[str, Layout]:
     from quantool.formats import awq, gptq
 
-    return {gptq.NAME: gptq, awq.NAME: awq}
+    return {gptq.NAME: cast(Layout, gptq), awq.NAME: cast(Layout, awq)}
 
 
 LAYOUTS: dict[str, Layout] = _layouts()

@@ -88,7 +88,7 @@ def read(path: Path) -> tuple[dict, dict[str, tuple[QuantizedWeight, int]], dict
     tensors = {}
     for f in weight_files(path):
         with safe_open(str(f), framework="pt") as handle:
-            tensors.update({k: handle.get_tensor(k) for k in handle.keys()})
+            tensors.update({k: handle.get_tensor(k) for k in handle.keys()})  # noqa: SIM118 (safe_open is not iterable)
     quantized = {}
     for prefix in (k[: -len(".qweight")] for k in list(tensors) if k.endswith(".qweight")):
         settings = layout.module_settings(qcfg, prefix)

@@ -9,8 +9,6 @@ GPT-QModel's per-module `dynamic` overrides, which vLLM reads too.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 
 from quantool.formats import LayoutConfig, ModuleQuant, rules

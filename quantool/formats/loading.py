@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ def _check_folder(path: Path) -> None:
         raise QuantoolError(f"{path} holds no weights (*.safetensors or pytorch_model*.bin): copy the model's weight files there")
 
 
-def _head_keys(model: nn.Module) -> set[str]:
+def _head_keys(model: Any) -> set[str]:
     """State-dict keys of the output head (whatever the family calls it: lm_head, embed_out, ...)."""
     head = model.get_output_embeddings()
     name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
@@ -54,7 +55,7 @@ def _tied(model: nn.Module) -> bool:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               kernel: str = "dequant") -> tuple[nn.Module, object]:
+               kernel: str = "dequant") -> tuple[Any, Any]:
     """(model, tokenizer) of a checkpoint folder or hub id, in eval mode on `device`. Quantized linears use
     kernel 'dequant' or 'tinygemm' where the shape allows. dtype: default fp16 on CUDA, fp32 on a CPU."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -71,9 +72,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
             _attach_quantized(model, path, dtype)
         else:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, output_loading_info=True,
-                device_map={"": str(device)} if kind == "bitsandbytes" else None)
+            loaded: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                               device_map={"": str(device)} if kind == "bitsandbytes" else None)
+            model, info = loaded
             missing = [k for k in info["missing_keys"] if not (_tied(model) and k in _head_keys(model))]
             if missing:
                 raise QuantoolError(f"{path} lacks tensors {', '.join(sorted(missing)[:5])} that the model needs: the "
@@ -90,7 +91,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return model, tokenizer
 
 
-def _attach_quantized(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
+def _attach_quantized(model: Any, path: Path, dtype: torch.dtype) -> None:
     """Quantized linear modules as QuantLinear; every other tensor, fused experts dequantized, through the key map."""
     qcfg, quantized, plain = checkpoint.read(path)
     fused: dict[str, dict] = qcfg.get("quantool_experts") or {}
@@ -114,15 +115,15 @@ def _attach_quantized(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
         if module is not None and is_linear(modules.get(module, nn.Identity())):
             model.set_submodule(module, QuantLinear(w.q, w.scale, w.zero, w.g_idx, w.bias, bits, dtype))
             swapped.add(module)
-    inside = lambda key: key.rpartition(".")[0] in swapped  # noqa: E731  (a QuantLinear's own tensors)
+    inside = lambda key: key.rpartition(".")[0] in swapped
     state = keymap.materialize([t for t in keymap.sources if not inside(t)], lambda keys: tensors)
     for param, experts in per_expert.items():
         spec = ExpertParam(**{**fused[param], "param": "p", "size": tuple(fused[param]["size"]), "stride": tuple(fused[param]["stride"])})
         holder = nn.Module()
         holder.register_parameter("p", nn.Parameter(torch.zeros(model.get_parameter(param).shape, dtype=dtype), requires_grad=False))
-        for e, weight in experts.items():
-            ExpertLinear(holder, spec, e).weight.copy_(weight)
-        state[param] = holder.p.data
+        for expert, weight in experts.items():
+            ExpertLinear(holder, spec, int(expert)).weight.copy_(weight)
+        state[param] = holder.get_parameter("p").data
     missing, _ = model.load_state_dict(state, strict=False)
     head = _head_keys(model) if _tied(model) else set()
     missing = [k for k in missing if not inside(k) and k not in head]

@@ -4,6 +4,8 @@ CPU), as gpt-fast's `WeightOnlyInt4Linear` uses it: w = (q - 8) * scale + zero_f
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -14,6 +16,13 @@ TINYGEMM_GROUPS = (32, 64, 128, 256)
 
 
 class QuantLinear(nn.Module):
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    g_idx: torch.Tensor
+    _weight: torch.Tensor | None
+    _packed: tuple[Any, ...] | None
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor | None,
                  bias: torch.Tensor | None, bits: int, dtype=torch.float16):
         super().__init__()

@@ -37,9 +37,9 @@ def build(overrides: dict[str, dict], skipped: list[str], others: list[str]) -> 
     groups: dict[tuple, list[str]] = {}
     for name, values in overrides.items():
         groups.setdefault(tuple(sorted(values.items())), []).append(name)
-    for values, members in groups.items():
+    for settings, members in groups.items():
         rest = [n for n in everyone if n not in set(members)]
-        rules.update({f"+:{p}": dict(values) for p in patterns(sorted(members), rest)})
+        rules.update({f"+:{p}": dict(settings) for p in patterns(sorted(members), rest)})
     return rules
 
 

@@ -35,7 +35,7 @@ SHARD_BYTES = 4 * 2**30  # largest shard (transformers' own default for save_pre
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's little-endian bytes, as safetensors stores them."""
     flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
 
 def shard_names(n: int) -> list[str]:
@@ -72,7 +72,7 @@ class ShardedWriter:
         if size < end:
             raise QuantoolError(f"{path} holds {size} bytes, but the run's progress records {end}: the working folder was "
                                 f"changed or damaged; start over with --overwrite")
-        data = open(path, "r+b" if path.exists() else "w+b")
+        data = open(path, "r+b" if path.exists() else "w+b")  # noqa: SIM115 (held open across add() calls; closed by finish)
         data.truncate(end)
         data.seek(end)
         return data
@@ -85,8 +85,9 @@ class ShardedWriter:
             size = t.numel() * t.element_size()
             if self.entries and begin + size > self.max_shard_bytes:
                 self._close_shard()
-                self.data = open(self._data_path(len(self.closed)), "w+b")
+                self.data = open(self._data_path(len(self.closed)), "w+b")  # noqa: SIM115 (closed by _close_shard)
                 begin = 0
+            assert self.data is not None, "add() after finish()"
             self.data.write(tensor_bytes(t))
             self.entries.append({"name": name, "dtype": DTYPES[t.dtype], "shape": list(t.shape), "begin": begin, "end": begin + size})
 
@@ -105,6 +106,7 @@ class ShardedWriter:
 
     def _close_shard(self) -> None:
         """Write the open shard's header and data into its .safetensors file (the data file stays until committed)."""
+        assert self.data is not None
         self.data.close()
         index = len(self.closed)
         header = {"__metadata__": {"format": "pt"}}

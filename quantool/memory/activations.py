@@ -154,7 +154,8 @@ class Inventory:
         shape, job = self.shape, self.job
         tokens = job.batch * job.seq
         if job.checkpointing:
-            per_layer, first_norm = shape.hidden * self.stream, 0
+            per_layer: float = shape.hidden * self.stream
+            first_norm = 0
         else:
             moe, dense = shape.moe_layers, shape.layers - shape.moe_layers
             per_layer = (moe * self.layer + dense * sum(self.dense_halves)) / shape.layers

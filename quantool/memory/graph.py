@@ -41,7 +41,7 @@ def _counts(layers: Any) -> dict[str, int]:
         experts_here = 0
         for p in fused_params(layer):
             experts = _expert_count(layer, names[id(p)], p)
-            if not experts or p.shape[0] == experts and p.dim() == 2:  # a router's raw matrix: one row per expert
+            if not experts or (p.shape[0] == experts and p.dim() == 2):  # a router's raw matrix: one row per expert
                 continue
             out["linear"] += p.numel()
             out["rows"] += p.numel() // p.shape[-1]

@@ -6,8 +6,9 @@ generated from it and the library and the command line share one set of defaults
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from importlib import resources
+from typing import Any
 
 from quantool.errors import QuantoolError
 from quantool.memory.cuda import HOPPER, parse_capability
@@ -99,7 +100,7 @@ class Job:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Job":
+    def from_dict(cls, d: dict) -> Job:
         """A Job from its asdict() form or a hand-written subset (JSON lists for lora_targets)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
@@ -133,7 +134,12 @@ class Job:
     def base_quant(self) -> BaseQuant:
         return BaseQuant.NF4 if self.method == Method.QLORA else self.quant
 
-    def validate(self) -> "Job":
+    def with_value(self, field_name: str, value: int) -> Job:
+        """This job with one integer setting (batch, seq, ...) changed: what `memory.solve` searches over."""
+        changes: dict[str, Any] = {field_name: value}
+        return replace(self, **changes)
+
+    def validate(self) -> Job:
         for name, value in (("batch", self.batch), ("seq", self.seq), ("gpus", self.gpus), ("nsamples", self.nsamples)):
             if value < 1:
                 raise QuantoolError(f"--{name} must be a positive integer, got {value}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import platform
 import time
 from contextlib import nullcontext
+from typing import Any, cast
 
 from quantool.errors import QuantoolError
 from quantool.memory.activations import attention_backend
@@ -22,7 +23,7 @@ def hf_config(shape: ModelShape):
     """A transformers config with this shape (Llama, or Qwen2 where only q/k/v carry biases)."""
     from transformers import LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+    common: dict[str, Any] = dict(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                   num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
                   head_dim=shape.head_dim, tie_word_embeddings=shape.tied, max_position_embeddings=max(shape.max_position, 8192))
     if shape.mlp != "gated" or shape.experts or shape.norms_per_layer != 2:
@@ -39,14 +40,15 @@ def _swap_bnb_linears(model, quant: str, torch):
                 continue
             parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
             w = child.weight.data
+            new: Any
             if quant == "nf4":
                 new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                         compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4", device="meta")
-                new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=64).to(w.device)
+                new.weight = cast(Any, bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=64)).to(w.device)
             else:
                 new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
                                           has_fp16_weights=False, threshold=6.0, device="meta")
-                new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False).to(w.device)
+                new.weight = cast(Any, bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)).to(w.device)
             if child.bias is not None:
                 new.bias = child.bias
             setattr(parent, name.rsplit(".", 1)[-1], new)
@@ -101,11 +103,11 @@ def build_workload(shape: ModelShape, job: Job, device, steps: int = 2):
         # greedy decoding keeps its logits processors empty, as in a default generate call
         model.generation_config.eos_token_id = None
 
-        def run():
+        def generate() -> None:
             with torch.no_grad():
                 model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=job.gen, use_cache=True,
                                do_sample=False, pad_token_id=0)
-        return model, _as_on_cuda(shape, job, device, run)
+        return model, _as_on_cuda(shape, job, device, generate)
 
     model.train()
     opt = _optimizer(job.optimizer, [p for p in model.parameters() if p.requires_grad], torch)

@@ -168,7 +168,7 @@ def training(shape: ModelShape, job: Job, weights: dict[str, tuple[str, float]],
     full = trains_every_weight(job)
     trainable = lora_params(shape, job) if job.uses_lora else shape.param_count()
     tb = 4 if (job.uses_lora or job.weights_dtype == WeightsDtype.FP32) else int(DTYPE_BYTES[job.weights_dtype])
-    grads = trainable * tb
+    grads: float = trainable * tb
     states, paged, step_tmp = optimizer_state_bytes(shape, job, tb)
     outside = {"optimizer states (paged, unified memory)": paged} if paged else {}
 

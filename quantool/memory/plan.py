@@ -100,7 +100,7 @@ def solve(shape: ModelShape, job: Job, budget: int, what: str) -> tuple[int, Pla
         raise QuantoolError(f"--solve takes batch or seq, not {what!r}")
 
     def fits(v: int) -> bool:
-        return estimate(shape, replace(job, **{what: v})).device_bytes <= budget
+        return estimate(shape, job.with_value(what, v)).device_bytes <= budget
 
     if not fits(1):
         return 0, None
@@ -112,4 +112,4 @@ def solve(shape: ModelShape, job: Job, budget: int, what: str) -> tuple[int, Pla
     while lo + 1 < hi:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo, estimate(shape, replace(job, **{what: lo}))
+    return lo, estimate(shape, job.with_value(what, lo))

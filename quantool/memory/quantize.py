@@ -83,7 +83,12 @@ def layer_work(shape: ModelShape, ptq: str, tokens: int, seq: int, dtype_bytes: 
                                            AWQ_CLIP_COPIES * 4 * max(i * o for i, o in lin.values()))}]
     else:
         moments = [{"rtn.work": ("RTN: working copies of one linear (fp32; measured)", RTN_COPIES * 4 * max(i * o for i, o in lin.values()))}]
-    return {**weights, **max(moments, key=lambda m: sum(v for _, v in m.values()))}
+    peak: dict[str, tuple[str, float]] = max(moments, key=_moment_bytes)
+    return {**weights, **peak}
+
+
+def _moment_bytes(moment: dict[str, tuple[str, float]]) -> float:
+    return sum(v for _, v in moment.values())
 
 
 def host_moments(shape: ModelShape, ptq: str, nsamples: int, seq: int, calib_bytes: int, on_cpu: bool) -> dict[str, dict]:

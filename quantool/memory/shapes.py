@@ -118,7 +118,7 @@ class ModelShape:
         """Output rows of every decoder linear and expert matrix."""
         if self.counted_linear_rows:
             return self.counted_linear_rows
-        rows = lambda linears, copies=1: copies * sum(o for _, o in linears.values())  # noqa: E731
+        rows = lambda linears, copies=1: copies * sum(o for _, o in linears.values())
         shared = rows(self.mlp_linears(self.shared_intermediate)) if self.shared_intermediate else 0
         moe = rows(self.attention_linears()) + rows(self.mlp_linears(self.expert_intermediate), self.experts) + shared
         return (self.layers - self.moe_layers) * rows(self.linears()) + self.moe_layers * moe
@@ -177,7 +177,7 @@ class ModelShape:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelShape":
+    def from_dict(cls, d: dict) -> ModelShape:
         """Inverse of to_dict (also reads catalog entries, whose aliases may be absent)."""
         return cls(**{**d, "aliases": tuple(d.get("aliases", ()))})
 
@@ -211,7 +211,7 @@ def from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
     """Read the shape from a Hugging Face config.json dict (Llama, Mistral, Qwen2, Gemma, Phi-3, OPT, GPT-2, Mixtral)."""
     if "text_config" in cfg and "hidden_size" not in cfg:
         cfg = cfg["text_config"]
-    get = lambda *keys, default=None: next((cfg[k] for k in keys if cfg.get(k) is not None), default)  # noqa: E731
+    get = lambda *keys, default=None: next((cfg[k] for k in keys if cfg.get(k) is not None), default)
     hidden = get("hidden_size", "n_embd", "d_model")
     layers = get("num_hidden_layers", "n_layer", "num_layers", "n_layers")
     heads = get("num_attention_heads", "n_head", "n_heads")

@@ -9,8 +9,9 @@ order (expert 0, 1, ... per source pattern), which is how a quantized checkpoint
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from copy import deepcopy
-from typing import Any, Callable, Iterable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ class KeyMap:
         from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
         self.model = model
-        transforms = get_model_conversion_mapping(model)
+        transforms = get_model_conversion_mapping(cast(Any, model))
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         by_pattern = {p: c for c in converters for p in c.source_patterns}

@@ -12,9 +12,10 @@ expert's matrix like an nn.Linear weight ([out, in], writing through to the fuse
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,7 +80,7 @@ class _Watch(TorchFunctionMode):
         super().__init__()
         self.params, self.on_product = params, on_product
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func in _LINEAR or func in _RHS or func in _BATCHED:
             x, w = (args[0], args[1]) if len(args) > 1 else (args[0], kwargs.get("weight", kwargs.get("other")))

@@ -4,12 +4,11 @@ compute device (GPTQ reference `llama_sequential`); gather a few modules' inputs
 from __future__ import annotations
 
 import inspect
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Callable
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 
 import torch
 from torch import nn
-
 
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # the KV cache's keyword, by transformers version
 
@@ -40,10 +39,8 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch.Tenso
     xs = []
     try:
         for sample in samples:
-            try:
+            with suppress(_Stop):
                 model(sample[None].to(device), use_cache=False)
-            except _Stop:
-                pass
             xs.append(captured["x"].to("cpu"))
     finally:
         handle.remove()

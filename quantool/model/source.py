@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,11 +63,11 @@ def _parameters_on_meta():
         if param is not None:
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
-    nn.Module.register_parameter = register
+    setattr(nn.Module, "register_parameter", register)  # noqa: B010 (a method patched for the block's duration)
     try:
         yield
     finally:
-        nn.Module.register_parameter = original
+        setattr(nn.Module, "register_parameter", original)  # noqa: B010
 
 
 class ModelSource:
@@ -101,7 +102,7 @@ class ModelSource:
         for f in sorted(self.folder.glob("*.safetensors")):
             try:
                 with safe_open(str(f), framework="pt") as handle:
-                    files.update({name: f for name in handle.keys()})
+                    files.update({name: f for name in handle.keys()})  # noqa: SIM118 (safe_open is not iterable)
             except Exception as exc:  # a truncated or foreign file
                 raise QuantoolError(f"{f} is not a readable safetensors file ({_first_line(exc)}): re-download it") from None
         return files
@@ -154,13 +155,13 @@ class ModelSource:
         return out
 
 
-def _head_name(model: nn.Module) -> str | None:
+def _head_name(model: Any) -> str | None:
     """The output head's module name, or None for a model without one."""
     head = model.get_output_embeddings()
     return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
 
 
-def _outside(model: nn.Module, layers_prefix: str) -> list[str]:
+def _outside(model: Any, layers_prefix: str) -> list[str]:
     """State-dict keys outside the decoder layers, without the output head (no layer-by-layer job reads it)."""
     head, head_keys = model.get_output_embeddings(), set()
     if head is not None and head.weight is not model.get_input_embeddings().weight:

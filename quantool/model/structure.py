@@ -12,6 +12,7 @@ producer's output and checking that the consumer's input exactly doubles.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,9 +45,9 @@ def is_linear(module: nn.Module) -> bool:
 class Conv1DLinear:
     """A Conv1D seen as a linear: `weight` is [out, in] and writes through to the [in, out] parameter."""
 
-    def __init__(self, conv: nn.Module):
-        self.weight = conv.weight.data.t()
-        self.out_features, self.in_features = self.weight.shape
+    def __init__(self, conv: Any):
+        self.weight: torch.Tensor = conv.weight.data.t()
+        self.out_features, self.in_features = int(self.weight.shape[0]), int(self.weight.shape[1])
         self.bias = conv.bias
 
 
@@ -79,9 +80,9 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The longest nn.ModuleList of blocks of one class that contain linears."""
     best = None
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1:
-            if any(is_linear(m) for m in mod[0].modules()) and (best is None or len(mod) > len(best[1])):
-                best = (name, mod)
+        blocks = isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1
+        if blocks and any(is_linear(m) for m in mod[0].modules()) and (best is None or len(mod) > len(best[1])):
+            best = (name, mod)
     if best is None:
         found = sorted({type(m).__name__ for m in model.modules()})[:12]
         raise QuantoolError(f"cannot find decoder layers (a ModuleList of blocks with nn.Linear or Conv1D) in {type(model).__name__}; "
@@ -89,9 +90,11 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def unit_shape(module: nn.Module) -> tuple[int, int]:
+def unit_shape(module: Any) -> tuple[int, int]:
     """(out, in) of an nn.Linear or a Conv1D."""
-    return (module.out_features, module.in_features) if isinstance(module, nn.Linear) else tuple(module.weight.shape[::-1])  # type: ignore[return-value]
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    return int(module.weight.shape[1]), int(module.weight.shape[0])
 
 
 def layer_kind(layer: nn.Module) -> str:
@@ -126,8 +129,8 @@ def map_layer(layer: nn.Module, args: tuple, kwargs: dict, probe_pairs: bool = T
     order: list[str] = []
     experts: dict[str, ExpertParam] = {}
 
-    def hook(name: str):  # type: ignore[no-untyped-def]
-        def fn(mod, inp, out):  # type: ignore[no-untyped-def]
+    def hook(name: str) -> Callable[..., None]:
+        def fn(mod: nn.Module, inp: tuple, out: Any) -> None:
             if name in linears:
                 order.append(name)
                 inputs[name] = inp[0]
@@ -210,15 +213,20 @@ def _expert_param(layer: nn.Module, name: str, w: torch.Tensor, rhs: bool, batch
     if experts is None or p.numel() % experts:
         return None
     if batched:
-        return ExpertParam(name, experts, tuple(w.shape[1:]), tuple(w.stride()[1:]),  # type: ignore[arg-type]
-                           w.storage_offset() - p.storage_offset(), w.stride(0), rhs)
+        return ExpertParam(name, experts, _pair(w.shape[1:]), _pair(w.stride()[1:]),
+                           int(w.storage_offset() - p.storage_offset()), int(w.stride(0)), rhs)
     step = p.numel() // experts
-    return ExpertParam(name, experts, tuple(w.shape), tuple(w.stride()),  # type: ignore[arg-type]
-                       (w.storage_offset() - p.storage_offset()) % step, step, rhs)
+    return ExpertParam(name, experts, _pair(w.shape), _pair(w.stride()),
+                       int(w.storage_offset() - p.storage_offset()) % step, step, rhs)
+
+
+def _pair(values: Any) -> tuple[int, int]:
+    a, b = values
+    return int(a), int(b)
 
 
 def _out_features(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[1]
+    return unit_shape(module)[0]
 
 
 @torch.no_grad()
@@ -229,7 +237,7 @@ def _folds_exactly(layer: nn.Module, args: tuple, kwargs: dict, pair: Pair, widt
     gen = torch.Generator().manual_seed(0)
     s = torch.empty(width).uniform_(0.5, 2.0, generator=gen)
     ref = _output(layer(*args, **kwargs))
-    units = {n: (m := layer.get_submodule(n)) for n in pair.consumers}
+    units: dict[str, Any] = {n: layer.get_submodule(n) for n in pair.consumers}
     saved = {n: m.weight.data.clone() for n, m in units.items()}
     for m in units.values():
         w = m.weight.data
@@ -261,7 +269,7 @@ def _is_norm(mod: nn.Module, x: torch.Tensor) -> bool:
 @torch.no_grad()
 def _scales_through(layer, args, kwargs, producer: nn.Linear, consumer: nn.Linear, x: torch.Tensor) -> bool:
     """Does doubling producer's output exactly double consumer's input?"""
-    seen = {}
+    seen: dict[str, torch.Tensor] = {}
     h1 = producer.register_forward_hook(lambda m, i, o: o * 2)
     h2 = consumer.register_forward_pre_hook(lambda m, i: seen.setdefault("x", i[0]))
     try:
@@ -276,17 +284,17 @@ def _scales_through(layer, args, kwargs, producer: nn.Linear, consumer: nn.Linea
     return bool(torch.allclose(doubled.float(), 2 * x.float(), rtol=tol, atol=tol * float(x.abs().max()) + 1e-6))
 
 
-def norm_offset(norm: nn.Module, x: torch.Tensor) -> float:
+def norm_offset(norm: Any, x: torch.Tensor) -> float:
     """0 for y = n(x) * w, 1 for Gemma's y = n(x) * (1 + w): probe with w = 0."""
     with torch.no_grad():
         saved = norm.weight.detach().clone()
         norm.weight.zero_()
         bias = getattr(norm, "bias", None)
         saved_b = bias.detach().clone() if isinstance(bias, torch.Tensor) else None
-        if saved_b is not None:
+        if bias is not None and saved_b is not None:
             bias.zero_()
         y = norm(x.reshape(-1, x.shape[-1])[:4])
         norm.weight.copy_(saved)
-        if saved_b is not None:
+        if bias is not None and saved_b is not None:
             bias.copy_(saved_b)
     return 0.0 if float(y.abs().max()) == 0 else 1.0

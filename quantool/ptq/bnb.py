@@ -10,8 +10,8 @@ in % 64 == 0, else the written model loads and then fails at generate.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn

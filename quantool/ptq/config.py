@@ -76,7 +76,7 @@ class PTQConfig:
         """The checkpoint layout: AWQ GEMM for 4-bit AWQ, GPTQ v1 otherwise."""
         return "awq" if self.method == "awq" and self.bits == 4 else "gptq"
 
-    def spec(self) -> "QuantSpec":
+    def spec(self) -> QuantSpec:
         from quantool.formats import LAYOUTS
 
         sym = self.sym and self.method != "awq"  # AWQ searches asymmetric (zero-point) groups, as llm-awq
@@ -87,7 +87,7 @@ class PTQConfig:
         self.method = Method.parse(self.method, "method")
         self.order = Order.parse(self.order, "--order")
 
-    def validate(self) -> "PTQConfig":
+    def validate(self) -> PTQConfig:
         if self.method in LAYERWISE:
             spec = self.spec()
             self.mse = spec.mse  # the method's default, resolved, so quantool.json records what ran
@@ -105,7 +105,7 @@ class PTQConfig:
             replace(self.spec(), bits=bits).validate()
         return self
 
-    def spec_for(self, name: str) -> "QuantSpec":
+    def spec_for(self, name: str) -> QuantSpec:
         """The quantizer of one decoder linear (its own bits where `module_bits` names it)."""
         spec = self.spec()
         return replace(spec, bits=self.module_bits[name]) if self.module_bits and name in self.module_bits else spec

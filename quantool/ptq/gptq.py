@@ -11,7 +11,9 @@ received fewer tokens than `--expert-token-ratio` times its input width is round
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,12 +57,18 @@ def _batches(stage: list[list[str]], widths: dict[str, int], budget: int) -> lis
     return batches
 
 
+def _accumulate(hessians: dict[str, Hessian]) -> Callable[[str, torch.Tensor], None]:
+    """on_input(name, x) adding x to its group's Hessian."""
+    return lambda name, inp: hessians[name].add(inp)
+
+
 def quantize_layer(layer: nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: dict, specs: dict[str, QuantSpec], cfg: PTQConfig,
                    device: torch.device) -> tuple[dict[str, QuantizedWeight], LayerReport, torch.Tensor]:
     results: dict[str, QuantizedWeight] = {}
     report = LayerReport()
     stages = _stages(lmap, cfg)
-    start, memo = None, {}
+    start: tuple[nn.Module, list] | None = None
+    memo: dict[nn.Module, Any] = {}
     for k, stage in enumerate(stages):
         units = {group[0]: lmap.unit(layer, group[0]) for group in stage}
         entry = _next_entry(lmap, stage, stages[k + 1] if k + 1 < len(stages) else None)
@@ -69,12 +77,13 @@ def quantize_layer(layer: nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: di
             hessians = {group[0]: Hessian(units[group[0]].in_features, device) for group in batch}
             modules = {n: layer.get_submodule(n) for n in hessians if lmap.expert_of(n) is None}
             wanted = set(hessians) - set(modules)
-            around = (lambda w=wanted, h=hessians: record_expert_inputs(layer, lmap.experts, w, lambda n, inp: h[n].add(inp))) if wanted else None
+            add = _accumulate(hessians)
+            around = (lambda w=wanted, add=add: record_expert_inputs(layer, lmap.experts, w, add)) if wanted else None
             calls: dict = {}
             finished = [] if stage_start else [m for m in _finished_children(layer, lmap, results) if m not in memo]
             with record_call(layer.get_submodule(entry), calls, "cpu") if entry and b == 0 else nullcontext(), \
                     record_outputs(finished, memo):
-                collect_inputs(layer, x, kwargs, device, modules, lambda n, inp, h=hessians: h[n].add(inp), cfg.chunk_tokens,
+                collect_inputs(layer, x, kwargs, device, modules, add, cfg.chunk_tokens,
                                start=stage_start, around=around)
             if b == 0:
                 start = (layer.get_submodule(entry), calls["calls"]) if calls.get("calls") else None

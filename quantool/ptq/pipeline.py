@@ -12,30 +12,30 @@ from __future__ import annotations
 
 import errno
 import json
-from collections import Counter
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
-from quantool import __version__
+from quantool import __version__, text
 from quantool.device import default_dtype, resolve_device
 from quantool.errors import QuantoolError
 from quantool.formats import LAYOUTS, Layout, LayoutConfig, ModuleQuant, model_group
 from quantool.formats.checkpoint import checkpoint_tensors, finalize
 from quantool.formats.shards import ShardedWriter
-from quantool import text
+from quantool.model.experts import eager_experts, fused_params
 from quantool.model.layerwise import capture_inputs, to_device
 from quantool.model.source import ModelSource, open_weights
-from quantool.model.experts import eager_experts, fused_params
 from quantool.model.structure import LayerMap, decoder_layers, has_fused_params, is_linear, layer_kind, map_layer, unit_shape
-from quantool.ptq.names import layer_outputs
 from quantool.ptq import awq, bnb, gptq, rtn
 from quantool.ptq.config import BITSANDBYTES, CALIBRATED, PTQConfig
 from quantool.ptq.layer_report import LayerReport
+from quantool.ptq.names import layer_outputs
 from quantool.util import allocator, faults, outdir
 from quantool.util.atomic import torch_save, write_json
 
@@ -110,7 +110,7 @@ def quantize_layers(source: ModelSource, work: Path, cfg: PTQConfig, device: tor
     group = quantization_group(layers, cfg, layout)
     spec = cfg.spec().with_group(group)
     writer = ShardedWriter(ckpt, state=progress.get("writer"))
-    elapsed = lambda: progress["elapsed"] + time.perf_counter() - started  # noqa: E731  (time before a crash included)
+    elapsed = lambda: progress["elapsed"] + time.perf_counter() - started
     first = progress["done"] + 1
     x = kwargs = None
     probe = None  # RTN has no calibration states; MoE layers still need one real input to find their experts

@@ -4,7 +4,7 @@ alpha, scaled weights quantized, the alpha minimizing the block-output MSE wins.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -35,11 +35,11 @@ def search_scale(x_mean: torch.Tensor, weights: Sequence[torch.Tensor], run: Cal
     Returns (s, {"alpha": best, "loss": best_loss, "loss_at_1": loss with s = 1}).
     """
     w_mean = weight_scale(weights, spec) if duo else None
-    best = (float("inf"), None, None)
+    best: tuple[float, float, torch.Tensor | None] = (float("inf"), 0.0, None)
     losses = []
     for k in range(n_grid):
         alpha = k / n_grid
-        s = x_mean.pow(alpha) / w_mean.pow(1 - alpha) if duo else x_mean.pow(alpha)
+        s = x_mean.pow(alpha) / w_mean.pow(1 - alpha) if w_mean is not None else x_mean.pow(alpha)
         s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         ws = [round_trip(w.float() * s, spec) / s for w in weights]
@@ -47,4 +47,6 @@ def search_scale(x_mean: torch.Tensor, weights: Sequence[torch.Tensor], run: Cal
         losses.append(loss)
         if loss < best[0]:
             best = (loss, alpha, s)
+    if best[2] is None:
+        raise ValueError("every AWQ scale candidate gave a non-finite loss: the calibration outputs hold inf or NaN")
     return best[2], {"alpha": best[1], "loss": best[0], "loss_at_1": losses[0]}

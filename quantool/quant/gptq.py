@@ -8,12 +8,13 @@ group, so every group stays a contiguous run of input columns and g_idx stays se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from quantool.quant.quantizer import QuantSpec, dequantize_groups, group_index, qparams, quantize
+
 
 class CholeskyError(ValueError):
     """The damped Hessian stayed indefinite up to the largest damping tried."""
@@ -129,8 +130,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
     # the group of each column in the order of quantization: act-order without static groups cuts new groups
     # along that order; otherwise each column keeps its original group
     perm_cpu = perm.cpu()
-    group_of = (torch.arange(cols) // g) if order == "act" and not static_groups else perm_cpu // g
-    group_of = group_of.tolist()
+    group_of: list[int] = ((torch.arange(cols) // g) if order == "act" and not static_groups else perm_cpu // g).tolist()
     starts = [c for c in range(cols) if c == 0 or group_of[c] != group_of[c - 1]]
     # lazy-batch blocks of about `blocksize` columns made of whole groups, so each group's parameters come from
     # its updated columns (per channel: one block, the whole row's parameters taken at its first column)
@@ -147,7 +147,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
     QT = torch.zeros_like(WT)
     scales = torch.zeros(n_groups, rows, device=WT.device)
     zeros = torch.zeros(n_groups, rows, device=WT.device)
-    scale = zero = None
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
     for i1, i2 in bounds:
         W1 = WT[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
@@ -155,10 +156,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
         for i in range(i2 - i1):
             col = i1 + i
             group = group_of[col]
-            if static_groups:
+            if static is not None:
                 scale, zero = static[group]
             elif col in group_len:
                 scale, zero = params(W1[i:i + group_len[col]].t().contiguous())
+            assert scale is not None and zero is not None  # set at the first column of every group
             if col in group_len:
                 scales[group], zeros[group] = scale, zero
             w, d = W1[i], Hinv1[i, i]

@@ -38,10 +38,10 @@ class QuantSpec:
         """Number of groups, the last one partial where the width is not a multiple of the group size."""
         return -(-in_features // self.group_size_for(in_features))
 
-    def with_group(self, group_size: int) -> "QuantSpec":
+    def with_group(self, group_size: int) -> QuantSpec:
         return replace(self, group_size=group_size)
 
-    def validate(self, allowed_bits=SUPPORTED_BITS) -> "QuantSpec":
+    def validate(self, allowed_bits=SUPPORTED_BITS) -> QuantSpec:
         if self.bits not in allowed_bits:
             raise QuantoolError(f"--bits {self.bits} is not supported here: choose {', '.join(map(str, allowed_bits))}")
         if self.group_size != -1 and (self.group_size < 1 or self.group_size & (self.group_size - 1)):
@@ -71,7 +71,7 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         return dequantize_groups(self.q, self.scale, self.zero, self.g_idx)
 
-    def rows(self, lo: int, hi: int) -> "QuantizedWeight":
+    def rows(self, lo: int, hi: int) -> QuantizedWeight:
         """Output rows lo..hi as their own weight (one part of a fused matrix, e.g. an expert's gate of gate_up)."""
         return QuantizedWeight(self.q[lo:hi], self.scale[:, lo:hi].contiguous(), self.zero[:, lo:hi].contiguous(), self.g_idx,
                                None if self.bias is None else self.bias[lo:hi])
@@ -82,7 +82,7 @@ class QuantizedWeight:
         return -1 if self.scale.shape[0] == 1 else int((self.g_idx == 0).sum())
 
     @classmethod
-    def from_rtn(cls, w: torch.Tensor, spec: "QuantSpec", bias: torch.Tensor | None = None) -> "QuantizedWeight":
+    def from_rtn(cls, w: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None = None) -> QuantizedWeight:
         """Round-to-nearest codes of w [out, in] in contiguous groups, on the CPU."""
         q, scale, zero = quantize_groups(w, spec)
         return cls(q.cpu(), scale.cpu(), zero.cpu(), group_index(w.shape[1], spec.group_size_for(w.shape[1])), bias)

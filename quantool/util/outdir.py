@@ -15,9 +15,9 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from quantool.errors import QuantoolError
 from quantool.util import faults

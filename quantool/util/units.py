@@ -20,7 +20,7 @@ def parse_count(text: str) -> int:
     value = float(m.group(1)) * _COUNT[m.group(2).upper()]
     if value < 1:
         raise QuantoolError(f"parameter count must be positive, got {text!r}")
-    return int(round(value))
+    return round(value)
 
 
 def parse_bytes(text: str) -> int:

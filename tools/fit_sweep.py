@@ -1,0 +1,180 @@
+"""quantool fit against uniform bit widths over a sweep of memory budgets, on one perplexity protocol.
+
+    python3 /work/shared/models/smollm2-135m/to_hf.py /tmp/smollm2-135m        # the model, once (needs gguf)
+    python tools/fit_sweep.py --model /tmp/smollm2-135m
+
+The job is inference at batch 1, seq 2048 (the planner's peak: weights as stored, KV cache, activations). The
+uniform checkpoints are GPTQ at 2, 3, 4 and 8 bits; their planned peaks set the budgets, and fit runs at
+budgets between them, with each sensitivity measure. Calibration: the first half of the text (as
+tools/peer_benchmark.py cuts it); perplexity on the second half, so they share no token. Every checkpoint is
+written by the CLI in its own process (wall time and peak RSS from wait4) and evaluated by the same code.
+Writes reports/smollm2-fit.json, .md and a plot (planned peak against perplexity, one line per strategy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from child_rusage import measure
+from peer_benchmark import evaluate, split_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def planned_peak(folder: Path, job: list[str]) -> int:
+    """`quantool memory --model FOLDER` for the job: the peak a written checkpoint plans."""
+    import subprocess
+
+    out = subprocess.run(["quantool", "memory", "--model", str(folder), *job, "--json"], capture_output=True, text=True, check=True)
+    return int(json.loads(out.stdout)["peak_bytes"])
+
+
+def markdown(data: dict, plot: str) -> str:
+    m = data["machine"]
+    lines = [f"# {data['model_name']}: quantool fit against uniform bit widths", "",
+             f"Measured {data['date']} on {m['cpus']} CPU cores (no GPU), Python {m['python']}, torch {m['torch']}, "
+             f"transformers {m['transformers']}. Regenerate with `{data['command']}`.", "",
+             f"Job: `{' '.join(data['job'])}` (inference; the planned peak counts the weights as stored, the KV cache and "
+             f"the activations). Every checkpoint is GPTQ g{data['group_size']} (symmetric, quantool's defaults), calibrated "
+             f"on {data['nsamples']} x {data['seqlen']} tokens from the first half of {data['text']}; perplexity at "
+             f"context {data['ctx']} on the first {data['max_tokens']} tokens of the second half. Planned peak: "
+             f"`quantool memory --model CHECKPOINT` for the job, which reads the written checkpoint's tensor sizes. "
+             f"Wall time and peak RSS are of each quantization process.", "",
+             f"fp16: ppl {data['fp16_ppl']:.2f}.", "",
+             f"![planned peak against perplexity]({plot})", "",
+             "| strategy | budget | planned peak | avg bits | widths | ppl | on disk | wall time | peak RSS |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for r in sorted(data["runs"], key=lambda r: (r["strategy"], r["peak_bytes"])):
+        budget = "–" if r.get("budget_bytes") is None else f"{r['budget_bytes'] / 2**20:.1f} MiB"
+        widths = ", ".join(f"{b}-bit x{n}" for b, n in sorted(r["widths"].items(), key=lambda kv: int(kv[0])))
+        lines.append(f"| {r['strategy']} | {budget} | {r['peak_bytes'] / 2**20:.1f} MiB | {r['avg_bits']:.2f} | {widths} | "
+                     f"{r['ppl']:.2f} | {r['size_bytes'] / 2**20:.1f} MiB | {r['seconds']:.0f} s | {r['peak_rss_bytes'] / 2**30:.2f} GiB |")
+    mid = data.get("halfway")
+    if mid:
+        lines += ["", f"At the budget halfway between the uniform 3- and 4-bit peaks ({mid['budget_bytes'] / 2**20:.1f} MiB): "
+                  f"geometric mean of the uniform 3- and 4-bit perplexities {mid['geomean_ppl']:.2f}; "
+                  + "; ".join(f"{k} {v:.2f}" for k, v in mid["fit_ppl"].items()) + f"; uniform 4-bit {mid['ppl4']:.2f}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for strategy in sorted({r["strategy"] for r in data["runs"]}):
+        rows = sorted((r for r in data["runs"] if r["strategy"] == strategy), key=lambda r: r["peak_bytes"])
+        ax.plot([r["peak_bytes"] / 2**20 for r in rows], [r["ppl"] for r in rows], marker="o", label=strategy)
+    ax.axhline(data["fp16_ppl"], color="grey", linestyle=":", label="fp16")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"planned peak of the job, MiB ({' '.join(data['job'])})")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(f"{data['model_name']}: fit vs uniform GPTQ widths")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--text", type=Path, default=ROOT / "../shared/data/wikitext2_raw_test.txt")
+    ap.add_argument("--bits", default="2,3,4,8")
+    ap.add_argument("--sensitivity", default="gptq,rtn", help="sensitivity measures to sweep")
+    ap.add_argument("--fractions", default="0.5", help="budgets between consecutive uniform peaks, as fractions of the step")
+    ap.add_argument("--fine", default="3,4:0.25,0.75", help="more fractions between one pair of widths (LO,HI:F,...)")
+    ap.add_argument("--job", default="--batch 1 --seq 2048 --gen 256")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/quantool-fit"))
+    ap.add_argument("-o", "--out", type=Path, default=ROOT / "reports/smollm2-fit.json")
+    args = ap.parse_args()
+    import torch
+    import transformers
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    calib, evaluation = split_text(args.text, args.work)
+    job = args.job.split()
+    common = ["--group-size", str(args.group_size), "--calib", str(calib), "--nsamples", str(args.nsamples),
+              "--seqlen", str(args.seqlen), "--device", "cpu"]
+    data = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
+    data.update(date=time.strftime("%Y-%m-%d"), command="python tools/fit_sweep.py " + " ".join(sys.argv[1:]),
+                model_name=args.model.name, job=job, group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen,
+                ctx=args.ctx, max_tokens=args.max_tokens, text=args.text.name,
+                machine={"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__})
+    if "fp16_ppl" not in data:
+        data["fp16_ppl"] = evaluate(args.model, evaluation, args.ctx, args.max_tokens)
+    done = {(r["strategy"], r.get("budget_bytes"), r.get("bits")) for r in data["runs"]}
+
+    def run(strategy: str, cmd: list[str], out: Path, **row: object) -> dict:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # a run cut short earlier
+        res = measure(cmd, args.work / f"{out.name}.log")
+        if res["exit"]:
+            sys.exit(f"{' '.join(cmd)} failed: see {args.work / out.name}.log")
+        result = {"strategy": strategy, **row, "peak_bytes": planned_peak(out, job), "ppl": evaluate(out, evaluation, args.ctx, args.max_tokens),
+                  "size_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")), **res}
+        data["runs"].append(result)
+        args.out.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"{strategy} {row}: ppl {result['ppl']:.2f}, peak {result['peak_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
+        return result
+
+    bits = [int(b) for b in args.bits.split(",")]
+    for b in bits:
+        if ("uniform", None, b) not in done:
+            out = args.work / f"uniform-{b}"
+            run("uniform", ["quantool", "gptq", str(args.model), "-o", str(out), "--bits", str(b), *common], out, bits=b,
+                avg_bits=float(b))
+    uniform = {r["bits"]: r for r in data["runs"] if r["strategy"] == "uniform"}
+    for r in uniform.values():
+        r["widths"] = {str(r["bits"]): json.loads((args.work / f"uniform-{r['bits']}" / "quantool.json").read_text())["quantized_linears"]}
+    pair, extra = args.fine.split(":") if args.fine else ("", "")
+    fine = tuple(int(b) for b in pair.split(",")) if pair else None
+
+    def fractions(lo: int, hi: int) -> list[float]:
+        return [float(f) for f in args.fractions.split(",") + (extra.split(",") if (lo, hi) == fine else [])]
+
+    budgets = sorted({int(uniform[lo]["peak_bytes"] + f * (uniform[hi]["peak_bytes"] - uniform[lo]["peak_bytes"]))
+                      for lo, hi in itertools.pairwise(bits) for f in fractions(lo, hi)})
+    for sensitivity in args.sensitivity.split(","):
+        cache = args.work / f"sensitivities-{sensitivity}.json"
+        for budget in budgets:
+            if (f"fit ({sensitivity})", budget, None) in done:
+                continue
+            out = args.work / f"fit-{sensitivity}-{budget}"
+            summary_file = args.work / f"fit-{sensitivity}-{budget}.json"
+            cmd = ["quantool", "fit", str(args.model), "-o", str(out), "--budget", str(budget), "--bits", args.bits,
+                   "--sensitivity", sensitivity, "--sensitivities", str(cache), *job, *common, "--json"]
+            res_row = run(f"fit ({sensitivity})", ["sh", "-c", " ".join(cmd) + f" > {summary_file}"], out, budget_bytes=budget)
+            summary = json.loads(summary_file.read_text())
+            res_row.update(avg_bits=summary["avg_bits"], widths=summary["widths"], fit_planned_peak_bytes=summary["peak_bytes"],
+                           written_peak_bytes=summary["written_peak_bytes"], linear_bytes=summary["linear_bytes"])
+            args.out.write_text(json.dumps(data, indent=2) + "\n")
+    if 3 in uniform and 4 in uniform:
+        half = int((uniform[3]["peak_bytes"] + uniform[4]["peak_bytes"]) / 2)
+        data["halfway"] = {"budget_bytes": half, "geomean_ppl": math.sqrt(uniform[3]["ppl"] * uniform[4]["ppl"]), "ppl4": uniform[4]["ppl"],
+                           "fit_ppl": {r["strategy"]: r["ppl"] for r in data["runs"] if r.get("budget_bytes") == half}}
+    png = args.out.with_name(args.out.stem + "-ppl-peak.png")
+    plot(data, png)
+    args.out.write_text(json.dumps(data, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(data, png.name))
+    print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {png}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
