@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
 __version__ = "0.1.0"
 
 
-def load(path, device="cpu", dtype=None, kernel: str = "dequant"):
+def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, kernel: str = "dequant") -> tuple[Any, Any]:
     """Load any checkpoint quantool writes (GPTQ, AWQ, bitsandbytes int8/NF4, fp16) for evaluation.
 
     Returns (model, tokenizer): the model in eval mode on `device`; GPTQ/AWQ linears run through quantool's

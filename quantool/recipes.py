@@ -74,7 +74,7 @@ def label(cfg: PTQConfig) -> str:
 
 
 def run_recipe(recipe: Recipe, model: str, workdir: Path, overwrite: bool = False, log: Callable[[str], None] = print,
-               on_layer=None, on_step=None) -> list[Path]:
+               on_layer: Callable[..., None] | None = None, on_step: Callable[[str, int, int], None] | None = None) -> list[Path]:
     """Quantize (reusing finished outputs), bench everything against the baseline, write the report."""
     paths = [model]
     for cfg in recipe.quantize:

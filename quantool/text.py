@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,14 +37,14 @@ def read_text(source: str | None) -> str:
     raise QuantoolError(f"calibration file {source} does not exist: pass a .txt/.jsonl path, an HF dataset id, or omit --calib")
 
 
-def tokenize(tokenizer, text: str) -> torch.Tensor:
+def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     """One long 1-D id tensor, with BOS once at the start where the tokenizer has one."""
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", split_special_tokens=True, verbose=False).input_ids[0]
     bos = tokenizer.bos_token_id
     return torch.cat([torch.tensor([bos]), ids]) if bos is not None else ids
 
 
-def fit_context(length: int, config) -> int:
+def fit_context(length: int, config: Any) -> int:
     """A window length capped at the model's maximum positions."""
     return min(length, getattr(config, "max_position_embeddings", None) or length)
 

@@ -67,8 +67,9 @@ def command(method: str, model: str, calib: str, out: Path) -> list[str]:
     if method == "qat":
         return ["qat", model, "-o", str(out), "--data", calib, "--steps", "4", "--batch", "2", "--seq", "32", "--save-every", "2",
                 "--group-size", "32", "--device", "cpu", "--json"]
-    return [method, model, "-o", str(out), "--group-size", "32", "--calib", calib, "--nsamples", "4", "--seqlen", "64",
-            "--device", "cpu", "--json"]
+    refine = ["--refine", "3", "--refine-batch", "2"] if method.endswith("-refine") else []
+    return [method.removesuffix("-refine"), model, "-o", str(out), "--group-size", "32", "--calib", calib, "--nsamples", "4",
+            "--seqlen", "64", "--device", "cpu", "--json", *refine]
 
 
 def main_driver(method: str, model: str, calib: str, work: Path) -> dict:

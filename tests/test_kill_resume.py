@@ -1,4 +1,4 @@
-"""Kill anywhere, resume safely: for rtn, gptq, awq and qat, a run killed hard at every point where it writes,
+"""Kill anywhere, resume safely: for rtn, gptq, awq, qat and gptq --refine, a run killed hard at every point where it writes,
 renames or deletes (each fault point it really passes, first and last visit) and then resumed gives the
 uninterrupted run's checkpoint tensor for tensor, or refuses with exit 2; never a damaged model."""
 
@@ -14,12 +14,12 @@ from quantool.util import faults
 DRIVER = Path(__file__).parent / "kill_driver.py"
 # every point a layer-by-layer run passes (qat has no layer loop; its training state is its progress)
 REACHED = {"rtn": set(faults.POINTS) - {"qat.state"}, "gptq": set(faults.POINTS) - {"qat.state"},
-           "awq": set(faults.POINTS) - {"qat.state"},
+           "awq": set(faults.POINTS) - {"qat.state"}, "gptq-refine": set(faults.POINTS) - {"qat.state"},
            "qat": {"qat.state", "shards.header", "shards.closed", "shards.renamed", "shards.index", "finalize.configs",
                    "finalize.tokenizer", "finalize.marker", "publish.swapped"}}
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "qat"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "qat", "gptq-refine"])
 def test_kill_at_every_step_then_resume(tiny_llama, tmp_path, story_text, method):
     calib = tmp_path / "calib.txt"
     calib.write_text(story_text[:40000])

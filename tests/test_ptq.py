@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -204,13 +205,17 @@ def test_resume_after_interrupt_gives_identical_checkpoint(tmp_path, story_text,
                 raise KeyboardInterrupt
         return on_layer
 
+    t0 = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
         quantize_model(str(model), tmp_path / "a", cfg, on_layer=crash_after(1))
     assert not (tmp_path / "a").exists()
-    assert json.loads((tmp_path / "a.partial" / "progress.json").read_text())["done"] == 1
+    progress = json.loads((tmp_path / "a.partial" / "progress.json").read_text())
+    assert progress["done"] == 1
     with pytest.raises(QuantoolError, match="--resume"):
         quantize_model(str(model), tmp_path / "a", cfg)
-    quantize_model(str(model), tmp_path / "a", cfg, resume=True)
+    summary = quantize_model(str(model), tmp_path / "a", cfg, resume=True)
+    # the total counts the interrupted run's seconds once, and no more than the wall time of both runs
+    assert progress["elapsed"] < summary["seconds"] <= time.perf_counter() - t0
     quantize_model(str(model), tmp_path / "b", cfg)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert not (tmp_path / "a.partial").exists()

@@ -43,8 +43,10 @@ def layer_progress(title: str, disable: bool) -> tuple[Progress, Callable[[Any, 
         worst = max(report.errors.items(), key=lambda kv: kv[1]) if report.errors else ("", 0)
         progress.update(task, completed=report.index + 1)
         mean = sum(report.errors.values()) / max(len(report.errors), 1)
+        refine = report.refine and (f"  refine {report.refine['error_before']:.3g} -> {report.refine['error_after']:.3g}"
+                                    + ("" if report.refine["kept"] else " (not kept)"))
         progress.console.print(f"layer {report.index:3d}  {report.seconds:6.2f}s  mean err {mean:.4f}  worst {worst[0]} {worst[1]:.4f}"
-                               + "".join(f"\n    {n}" for n in report.notes if "Cholesky" in n), highlight=False)
+                               + (refine or "") + "".join(f"\n    {n}" for n in report.notes if "Cholesky" in n), highlight=False)
 
     return progress, on_layer
 
@@ -98,7 +100,7 @@ COMMANDS = [
                     "quantool gptq ./model --bits 4 --group-size 128 -o ./model-gptq"),
     _method_command("awq", "AWQ (Lin et al. 2023): activation-aware scales and clipping, layer by layer, streamed; AWQ GEMM checkpoint.",
                     "quantool awq ./model --bits 4 -o ./model-awq"),
-    _method_command("rtn", "Round-to-nearest baseline, group-wise, streamed layer by layer (no calibration); GPTQ v1 checkpoint.",
+    _method_command("rtn", "Round-to-nearest baseline, group-wise, streamed layer by layer (no calibration unless --refine); GPTQ v1 checkpoint.",
                     "quantool rtn ./model --bits 4 --group-size 128 -o ./model-rtn"),
     _method_command("int8", "LLM.int8 (bitsandbytes, outlier threshold 6.0): loads the whole model, as transformers does; "
                     "transformers' bnb serialization.", "quantool int8 ./model -o ./model-int8"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -30,7 +31,7 @@ def windows(n_tokens: int, ctx: int, stride: int | None) -> list[tuple[int, int,
 
 
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor, ctx: int, stride: int | None = None, batch: int = 8,
+def perplexity(model: Any, ids: torch.Tensor, ctx: int, stride: int | None = None, batch: int = 8,
                max_tokens: int | None = None, on_step: Callable[[int, int], None] | None = None) -> dict:
     """{'ppl', 'nll', 'tokens', 'windows', 'ctx', 'stride'} for a 1-D token tensor."""
     if max_tokens:
@@ -56,11 +57,12 @@ def perplexity(model, ids: torch.Tensor, ctx: int, stride: int | None = None, ba
     return {"ppl": math.exp(mean_nll), "nll": mean_nll, "tokens": total_tokens, "windows": len(spans), "ctx": ctx, "stride": stride}
 
 
-def evaluator(text: str, text_range: tuple[float, float] = (0.0, 1.0), ctx: int = 2048, max_tokens: int | None = None):
+def evaluator(text: str, text_range: tuple[float, float] = (0.0, 1.0), ctx: int = 2048, max_tokens: int | None = None
+              ) -> Callable[[Any, Any], float]:
     """(model, tokenizer) -> perplexity on a fixed slice of a text file; the text is tokenized once."""
     cache = {}
 
-    def evaluate(model, tok) -> float:
+    def evaluate(model: Any, tok: Any) -> float:
         if "ids" not in cache:
             ids = tokenize(tok, read_text(text))
             cache["ids"] = ids[int(text_range[0] * ids.numel()):int(text_range[1] * ids.numel())]

@@ -52,7 +52,7 @@ def label(r: dict) -> str:
     return text if not r.get("tool") or r["tool"].startswith("quantool") else f"{text} ({r['tool']})"
 
 
-def fmt_or_dash(v, spec="{:.2f}"):
+def fmt_or_dash(v: float | None, spec: str = "{:.2f}") -> str:
     return "-" if v is None else spec.format(v)
 
 

@@ -25,7 +25,7 @@ def _timed(fn, device) -> float:
 
 
 @torch.no_grad()
-def measure_speed(model, vocab: int, batch_sizes=(1, 8), prompt: int = 128, new_tokens: int = 32,
+def measure_speed(model: Any, vocab: int, batch_sizes: tuple[int, ...] = (1, 8), prompt: int = 128, new_tokens: int = 32,
                   repeats: int = 3, warmup: int = 1) -> dict:
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)

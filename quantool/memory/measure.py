@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any, cast
 
@@ -19,7 +20,7 @@ from quantool.memory.job import Job
 from quantool.memory.shapes import ModelShape
 
 
-def hf_config(shape: ModelShape):
+def hf_config(shape: ModelShape) -> Any:
     """A transformers config with this shape (Llama, or Qwen2 where only q/k/v carry biases)."""
     from transformers import LlamaConfig, Qwen2Config
 
@@ -67,7 +68,7 @@ def _optimizer(name: str, params, torch):
     return (bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit)(params, lr=1e-5)
 
 
-def build_workload(shape: ModelShape, job: Job, device, steps: int = 2):
+def build_workload(shape: ModelShape, job: Job, device: str, steps: int = 2) -> tuple[Any, Callable[[], list[float]]]:
     """The model of this job (random weights) and a function that runs the job once; weights built on device."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -130,7 +131,7 @@ def build_workload(shape: ModelShape, job: Job, device, steps: int = 2):
     return model, _as_on_cuda(shape, job, device, run)
 
 
-def cuda_attention(shape: ModelShape, job: Job):
+def cuda_attention(shape: ModelShape, job: Job) -> Any:
     """On the CPU, the attention kernel CUDA would use where its memory differs: the math path, forced."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

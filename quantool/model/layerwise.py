@@ -4,8 +4,9 @@ compute device (GPTQ reference `llama_sequential`); gather a few modules' inputs
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ def cache_kwarg(layer: nn.Module) -> str:
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, dict]:
     """Hidden states entering layer 0 for every sample [n, seq, hidden], and the layer's keyword arguments
     (position embeddings, masks) which are the same for every equal-length sample. The modules before the
     first layer must already be on `device`; nothing after it runs."""
@@ -48,7 +49,7 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch.Tenso
     return torch.cat(xs), to_device(kwargs, "cpu")
 
 
-def to_device(obj, device, copy: bool = False):
+def to_device(obj: Any, device: torch.device | str, copy: bool = False) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device, copy=copy)
     if isinstance(obj, (tuple, list)):
@@ -65,7 +66,7 @@ def _chunk(x: torch.Tensor, tokens: int) -> int:
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict, device, tokens: int,
+def run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict, device: torch.device | str, tokens: int,
               replay: dict[nn.Module, list] | None = None) -> torch.Tensor:
     """Outputs of one layer for all samples, computed in chunks on device, returned on CPU. `replay` maps
     submodules to their outputs recorded (`record_outputs`) in an earlier pass over the same chunks, with the
@@ -102,7 +103,7 @@ def _replaying(replay: dict[nn.Module, list], device):
 
 
 @contextmanager
-def record_outputs(modules: list[nn.Module], store: dict):
+def record_outputs(modules: list[nn.Module], store: dict) -> Iterator[None]:
     """Keep a copy on CPU of every output of each module (store[module]: list in call order), for `run_layer`'s
     replay."""
     def hook(mod, args, output):
@@ -117,9 +118,10 @@ def record_outputs(modules: list[nn.Module], store: dict):
 
 
 @torch.no_grad()
-def collect_inputs(layer: nn.Module, x: torch.Tensor, kwargs: dict, device, modules: dict[str, nn.Module], on_input,
+def collect_inputs(layer: nn.Module, x: torch.Tensor, kwargs: dict, device: torch.device | str, modules: dict[str, nn.Module],
+                   on_input: Callable[[str, torch.Tensor], None],
                    tokens: int, start: tuple[nn.Module, list] | None = None,
-                   around: Callable[[], AbstractContextManager] | None = None):
+                   around: Callable[[], AbstractContextManager] | None = None) -> None:
     """Call on_input(name, input) for each module's input, for all samples, running the layer only until the
     last of `modules` has been called (the rest of the layer's forward is skipped). With `start`, a submodule
     and its recorded calls (`record_call`), only that submodule runs, on those calls. `around` wraps every run
@@ -155,7 +157,7 @@ def collect_inputs(layer: nn.Module, x: torch.Tensor, kwargs: dict, device, modu
 
 
 @contextmanager
-def record_inputs(modules: dict[str, nn.Module], on_input):
+def record_inputs(modules: dict[str, nn.Module], on_input: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
     """Call on_input(name, x) with every input a module sees while the context is open."""
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: on_input(n, args[0])) for n, m in modules.items()]
     try:
@@ -166,7 +168,7 @@ def record_inputs(modules: dict[str, nn.Module], on_input):
 
 
 @contextmanager
-def record_call(module: nn.Module, store: dict, device=None):
+def record_call(module: nn.Module, store: dict, device: torch.device | str | None = None) -> Iterator[None]:
     """Keep the args and kwargs of every call of module (to re-run it alone), moved to `device` if given."""
     def hook(mod, args, kwargs):
         call = (args, kwargs) if device is None else (to_device(args, device), to_device(kwargs, device))

@@ -111,7 +111,7 @@ class ModelSource:
     def streaming(self) -> bool:
         return bool(self.files)
 
-    def tokenizer(self):
+    def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
         try:
@@ -238,10 +238,10 @@ class LoadedWeights:
     def __init__(self, model: nn.Module, device: torch.device):
         self.model, self.device = model, device
 
-    def load(self, module: nn.Module, prefix: str, keys: list[str] | None = None):
+    def load(self, module: nn.Module, prefix: str, keys: list[str] | None = None) -> None:
         self._move(module, keys, self.device)
 
-    def drop(self, module: nn.Module, keys: list[str] | None = None):
+    def drop(self, module: nn.Module, keys: list[str] | None = None) -> None:
         self._move(module, keys, torch.device("cpu"))
 
     @staticmethod
@@ -266,7 +266,7 @@ class LoadedWeights:
         return None
 
 
-def open_weights(source: ModelSource, dtype: torch.dtype, device: torch.device, log: Callable[[str], None]):
+def open_weights(source: ModelSource, dtype: torch.dtype, device: torch.device, log: Callable[[str], None]) -> tuple[nn.Module, Any]:
     """(model, weights): streamed from safetensors where the source has them, else loaded whole."""
     if source.streaming:
         model = source.skeleton()

@@ -15,6 +15,7 @@ import torch
 from quantool.model.experts import record_expert_inputs
 from quantool.model.layerwise import record_call, record_inputs, run_layer
 from quantool.model.structure import LayerMap, is_linear, norm_offset
+from quantool.ptq.config import PTQConfig
 from quantool.ptq.layer_report import LayerReport, bias_of, relative_error, set_weight
 from quantool.quant.awq_clip import apply_clip, search_clip
 from quantool.quant.awq_scale import activation_scale, search_scale
@@ -22,7 +23,10 @@ from quantool.quant.gptq import Hessian
 from quantool.quant.quantizer import QuantizedWeight, QuantSpec
 
 
-def quantize_layer(layer, lmap: LayerMap, x, kwargs, specs: dict[str, QuantSpec], cfg, device):
+def quantize_layer(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: dict, specs: dict[str, QuantSpec],
+                   cfg: PTQConfig, device: torch.device, rounded: dict | None = None
+                   ) -> tuple[dict[str, QuantizedWeight], LayerReport, torch.Tensor]:
+    """`rounded`, when given, receives each linear's weight as rounded: scaled and clipped (for --refine)."""
     report = LayerReport()
     linears = {n: lmap.unit(layer, n) for n in lmap.linears}
     shared = {n: group[0] for group in lmap.groups for n in group}  # each linear's input is its group's first's
@@ -70,6 +74,8 @@ def quantize_layer(layer, lmap: LayerMap, x, kwargs, specs: dict[str, QuantSpec]
         if cfg.clip and name not in lmap.attention_qk and enough:  # an expert that saw too few tokens: plain rounding
             w = apply_clip(w, search_clip(w, x_in, spec), spec)
         qw = QuantizedWeight.from_rtn(w, spec, bias_of(mod))
+        if rounded is not None:
+            rounded[name] = w.clone()
         H = Hessian(w.shape[1], w.device)
         H.add(x_in[:: max(1, x_in.shape[0] // 4096)])
         wq = qw.dequantize().to(w.device)

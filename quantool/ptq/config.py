@@ -66,10 +66,18 @@ class PTQConfig:
     expert_token_ratio: float = opt(2.0, "MoE: an expert matrix that received fewer calibration tokens than this many times its "
                                     "input width is rounded to nearest (least-error ranges) instead: with fewer, GPTQ's "
                                     "Hessian fits the tokens seen rather than the data (reports/expert-fallback.json).")
+    refine: int = opt(0, "Steps of block-wise reconstruction per decoder layer after the method (learned rounding and "
+                      "scales, SignRound's loop; needs calibration, also for rtn). 0: off.")
+    refine_batch: int = opt(8, "--refine: calibration windows per step.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1 ...")
     seed: int = opt(0, "Seed of the calibration window sampling.")
     module_bits: dict[str, int] | None = opt(None, "Bits per decoder linear by full name (quantool fit's choice); the "
                                              "others take --bits.", cli=False)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the run reads calibration text: GPTQ and AWQ, and any method refined."""
+        return self.method in CALIBRATED or (self.method in LAYERWISE and self.refine > 0)
 
     @property
     def format(self) -> str:
@@ -99,6 +107,8 @@ class PTQConfig:
                                 f"e.g. 0.01 or 0.05")
         if self.static_groups and self.order != "act":
             raise QuantoolError("--static-groups only matters with --order act")
+        if self.refine < 0 or self.refine_batch < 1:
+            raise QuantoolError("--refine must be >= 0 (0: off) and --refine-batch >= 1")
         if self.awq_search_tokens < 1:
             raise QuantoolError("--awq-search-tokens must be at least 1")
         for bits in set((self.module_bits or {}).values()):

@@ -63,7 +63,10 @@ def _accumulate(hessians: dict[str, Hessian]) -> Callable[[str, torch.Tensor], N
 
 
 def quantize_layer(layer: nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: dict, specs: dict[str, QuantSpec], cfg: PTQConfig,
-                   device: torch.device) -> tuple[dict[str, QuantizedWeight], LayerReport, torch.Tensor]:
+                   device: torch.device, rounded: dict | None = None) -> tuple[dict[str, QuantizedWeight], LayerReport, torch.Tensor]:
+    """`rounded`, when given, receives each linear's weight before GPTQ (for --refine)."""
+    if rounded is not None:
+        rounded.update({n: lmap.unit(layer, n).weight.data.float().clone() for n in lmap.linears if lmap.expert_of(n) is None})
     results: dict[str, QuantizedWeight] = {}
     report = LayerReport()
     stages = _stages(lmap, cfg)

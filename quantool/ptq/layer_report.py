@@ -15,6 +15,7 @@ class LayerReport:
     errors: dict[str, float] = field(default_factory=dict)  # relative output error per linear
     notes: list[str] = field(default_factory=list)
     expert_tokens: dict[str, int] = field(default_factory=dict)  # tokens each expert matrix received (MoE, calibrated)
+    refine: dict[str, Any] = field(default_factory=dict)  # --refine: output error before and after, and whether kept
 
 
 def relative_error(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor | None, rows: int = 1024) -> float:

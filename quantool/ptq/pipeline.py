@@ -29,13 +29,14 @@ from quantool.formats import LAYOUTS, Layout, LayoutConfig, ModuleQuant, model_g
 from quantool.formats.checkpoint import checkpoint_tensors, finalize
 from quantool.formats.shards import ShardedWriter
 from quantool.model.experts import eager_experts, fused_params
-from quantool.model.layerwise import capture_inputs, to_device
+from quantool.model.layerwise import capture_inputs, run_layer, to_device
 from quantool.model.source import ModelSource, open_weights
 from quantool.model.structure import LayerMap, decoder_layers, has_fused_params, is_linear, layer_kind, map_layer, unit_shape
 from quantool.ptq import awq, bnb, gptq, rtn
-from quantool.ptq.config import BITSANDBYTES, CALIBRATED, PTQConfig
+from quantool.ptq.config import BITSANDBYTES, PTQConfig
 from quantool.ptq.layer_report import LayerReport
 from quantool.ptq.names import layer_outputs
+from quantool.ptq.refine import refine_layer
 from quantool.util import allocator, faults, outdir
 from quantool.util.atomic import torch_save, write_json
 
@@ -110,11 +111,12 @@ def quantize_layers(source: ModelSource, work: Path, cfg: PTQConfig, device: tor
     group = quantization_group(layers, cfg, layout)
     spec = cfg.spec().with_group(group)
     writer = ShardedWriter(ckpt, state=progress.get("writer"))
-    elapsed = lambda: progress["elapsed"] + time.perf_counter() - started
+    before = progress["elapsed"]  # seconds spent by earlier, interrupted runs
+    elapsed = lambda: before + time.perf_counter() - started
     first = progress["done"] + 1
     x = kwargs = None
     probe = None  # RTN has no calibration states; MoE layers still need one real input to find their experts
-    if cfg.method in CALIBRATED and first < len(layers):
+    if cfg.calibrated and first < len(layers):
         if first == 0:
             x, kwargs, progress["calibration"] = capture_calibration(source, model, prefix, layers, weights, cfg, device, log)
             torch_save((x, kwargs), work / "inputs-0000.pt")
@@ -129,7 +131,11 @@ def quantize_layers(source: ModelSource, work: Path, cfg: PTQConfig, device: tor
         weights.load(layer, f"{prefix}.{i}.")
         lmap = _map(layer, *(probe or (x, kwargs)), cfg, device, maps)
         specs = {n: cfg.spec_for(f"{prefix}.{i}.{n}").with_group(group) for n in lmap.linears}
-        quantized, report, y = DRIVERS[cfg.method].quantize_layer(layer, lmap, x, kwargs, specs, cfg, device)
+        if cfg.refine:
+            assert x is not None and kwargs is not None  # a refined run is calibrated
+            quantized, report, y = _refined(layer, lmap, x, kwargs, specs, cfg, device, seed=cfg.seed + i)
+        else:
+            quantized, report, y = DRIVERS[cfg.method].quantize_layer(layer, lmap, x, kwargs, specs, cfg, device)
         plain, named, origin, experts = layer_outputs(layer, lmap, f"{prefix}.{i}.", quantized, weights)
         bits = {name: specs[unit].bits for name, unit in origin.items()}
         tensors, unpacked = checkpoint_tensors(plain, named, cfg.format, bits)
@@ -176,6 +182,19 @@ def quantize_layers(source: ModelSource, work: Path, cfg: PTQConfig, device: tor
     finalize(ckpt, {**(meta or {}), **summary}, source.config.to_dict(), cfg.format, lcfg, source.tokenizer(),
              model.generation_config)
     return summary
+
+
+def _refined(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: dict, specs: dict, cfg: PTQConfig,
+             device: torch.device, seed: int) -> tuple[dict, LayerReport, torch.Tensor]:
+    """The method, then --refine's reconstruction against the full-precision layer's outputs on the same inputs.
+    The next layer's inputs: the refined layer's outputs, except for AWQ, which passes full-precision ones on."""
+    target = None if cfg.method == "awq" else run_layer(layer, x, kwargs, device, cfg.chunk_tokens)
+    rounded: dict[str, torch.Tensor] = {}
+    quantized, report, y = DRIVERS[cfg.method].quantize_layer(layer, lmap, x, kwargs, specs, cfg, device, rounded=rounded)
+    target = y if target is None else target
+    refined_y = refine_layer(layer, lmap, x, kwargs, target, quantized, rounded, specs, cfg.refine, cfg.refine_batch, seed, device,
+                             cfg.chunk_tokens, report)
+    return quantized, report, (target if cfg.method == "awq" else refined_y)
 
 
 def capture_calibration(source: ModelSource, model: torch.nn.Module, prefix: str, layers: torch.nn.ModuleList, weights: Any,

@@ -99,7 +99,7 @@ def _permutation(diag: torch.Tensor, order: str, g: int) -> torch.Tensor:
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
-                  order: str = "natural", static_groups: bool = False, scale_dtype=torch.float16) -> GPTQResult:
+                  order: str = "natural", static_groups: bool = False, scale_dtype: torch.dtype = torch.float16) -> GPTQResult:
     """Quantize W [out, in] minimizing ||W X - Q X||^2 where H = 2 X X^T / n."""
     W = W.detach().float().clone()
     H = H.detach().float()  # read only: the damped, permuted copies are made by `permuted`

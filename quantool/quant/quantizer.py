@@ -41,7 +41,7 @@ class QuantSpec:
     def with_group(self, group_size: int) -> QuantSpec:
         return replace(self, group_size=group_size)
 
-    def validate(self, allowed_bits=SUPPORTED_BITS) -> QuantSpec:
+    def validate(self, allowed_bits: tuple[int, ...] = SUPPORTED_BITS) -> QuantSpec:
         if self.bits not in allowed_bits:
             raise QuantoolError(f"--bits {self.bits} is not supported here: choose {', '.join(map(str, allowed_bits))}")
         if self.group_size != -1 and (self.group_size < 1 or self.group_size & (self.group_size - 1)):
@@ -159,7 +159,8 @@ def _groups_as_rows(w: torch.Tensor, spec: QuantSpec, scale_dtype) -> tuple[torc
     return wg, scale.to(scale_dtype).float()[:, None], zero[:, None]
 
 
-def quantize_groups(w: torch.Tensor, spec: QuantSpec, scale_dtype=torch.float16):
+def quantize_groups(w: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype = torch.float16
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RTN over groups. Returns (q [out, in] uint8, scale [groups, out], zero [groups, out] int32).
 
     Scales are rounded to scale_dtype first, so the stored checkpoint dequantizes to exactly these values.

@@ -24,13 +24,13 @@ def _glibc():
 _LIBC = _glibc()
 
 
-def keep_large_buffers_mapped(threshold: int = 1 << 20):
+def keep_large_buffers_mapped(threshold: int = 1 << 20) -> None:
     """Allocate blocks of `threshold` bytes and more with mmap, always (the threshold no longer adapts)."""
     if _LIBC is not None:
         _LIBC.mallopt(M_MMAP_THRESHOLD, threshold)
 
 
-def release_free_memory():
+def release_free_memory() -> None:
     """Return the heap's free pages to the system."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)

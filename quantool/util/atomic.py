@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
-def replacing(path: Path):
+def replacing(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` when the block completes, and is removed if it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,16 +22,16 @@ def replacing(path: Path):
         tmp.unlink(missing_ok=True)
 
 
-def write_text(path: Path, text: str):
+def write_text(path: Path, text: str) -> None:
     with replacing(path) as tmp:
         tmp.write_text(text)
 
 
-def write_json(data, path: Path):
+def write_json(data: Any, path: Path) -> None:
     write_text(path, json.dumps(data, indent=2))
 
 
-def torch_save(obj, path: Path):
+def torch_save(obj: Any, path: Path) -> None:
     import torch
 
     with replacing(path) as tmp:

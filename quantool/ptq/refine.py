@@ -1,0 +1,88 @@
+"""--refine N: block-wise reconstruction of each decoder layer after its method, SignRound's training loop
+(Cheng et al. 2023, arXiv 2309.05516, algorithm 1; AutoRound's `quant_block`).
+
+Starting from the method's codes and scales (`quant.rounding.LearnedRounding`), N steps of signed gradient descent,
+each on a random batch of calibration windows, minimise the mean squared error between the layer's output with
+the learned rounding and the full-precision layer's output on the same inputs (the pipeline's inputs: the
+outputs of the already-quantized layers, or of the full-precision ones for AWQ). The learning rate decays
+linearly from 1/N, so an offset can move at most about 0.5 over the run. The refined codes are kept only if
+they lower the error over all calibration windows; the layer report gives the error before and after.
+Experts held in fused parameters keep the method's codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from quantool.model.layerwise import run_layer, to_device
+from quantool.model.structure import LayerMap
+from quantool.ptq.layer_report import LayerReport, set_weight
+from quantool.quant.quantizer import QuantizedWeight, QuantSpec
+from quantool.quant.rounding import LearnedRounding
+
+
+def output_error(layer: torch.nn.Module, x: torch.Tensor, kwargs: dict, target: torch.Tensor, device: torch.device,
+                 tokens: int) -> tuple[float, torch.Tensor]:
+    """Mean squared error of the layer's outputs against target over all windows, and the outputs."""
+    y = run_layer(layer, x, kwargs, device, tokens)
+    return float(F.mse_loss(y.float(), target.float())), y
+
+
+def _refinable(layer: torch.nn.Module, lmap: LayerMap, quantized: dict[str, QuantizedWeight]) -> list[str]:
+    """Linears with their own [out, in] weight parameter (fused experts are views of a 3-D one)."""
+    names = []
+    for name in quantized:
+        if lmap.expert_of(name) is not None:
+            continue
+        mod = layer.get_submodule(name)
+        weight = getattr(mod, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and weight.numel() == quantized[name].q.numel():
+            names.append(name)
+    return names
+
+
+def refine_layer(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: dict, target: torch.Tensor,
+                 quantized: dict[str, QuantizedWeight], rounded: dict[str, torch.Tensor], specs: dict[str, QuantSpec], steps: int,
+                 batch: int, seed: int, device: torch.device, tokens: int, report: LayerReport) -> torch.Tensor:
+    """Refine the layer's quantized linears in place (`quantized` and the layer's weights); returns the layer's
+    outputs on x with the codes kept. `rounded` holds the weights each method rounded (before rounding)."""
+    names = _refinable(layer, lmap, quantized)
+    before, y = output_error(layer, x, kwargs, target, device, tokens)
+    learners = {n: LearnedRounding(rounded[n].to(device), quantized[n], specs[n].maxq) for n in names}
+    transposed = {n: not isinstance(layer.get_submodule(n), torch.nn.Linear) for n in names}  # Conv1D stores [in, out]
+    dtypes = {n: layer.get_submodule(n).weight.dtype for n in names}
+    kw = to_device(kwargs, device)
+    gen = torch.Generator().manual_seed(seed)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    with torch.enable_grad():
+        for step in range(steps):
+            pick = torch.randperm(x.shape[0], generator=gen)[:batch]
+            weights: dict[str, Any] = {}
+            for n, r in learners.items():
+                w = r()
+                weights[f"{n}.weight"] = (w.t() if transposed[n] else w).to(dtypes[n])
+            out = functional_call(layer, weights, (x[pick].to(device),), kw)
+            out = out[0] if isinstance(out, tuple) else out
+            F.mse_loss(out.float(), target[pick].to(device).float()).backward()
+            lr = (1 - step / steps) / steps
+            for r in learners.values():
+                r.sign_step(lr)
+    refined = {n: r.quantized() for n, r in learners.items()}
+    del learners
+    for n, qw in refined.items():
+        w = qw.dequantize().to(device)
+        set_weight(layer.get_submodule(n), w.t() if transposed[n] else w)
+    after, y_refined = output_error(layer, x, kwargs, target, device, tokens)
+    report.refine = {"error_before": before, "error_after": after, "kept": after < before, "linears": len(names)}
+    if after < before:
+        quantized.update(refined)
+        return y_refined
+    for n in names:  # the method's codes were better on all windows: put them back
+        w = quantized[n].dequantize().to(device)
+        set_weight(layer.get_submodule(n), w.t() if transposed[n] else w)
+    return y

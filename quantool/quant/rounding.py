@@ -1,0 +1,74 @@
+"""Learned rounding of one quantized linear, after SignRound (Cheng et al. 2023, arXiv 2309.05516, eq. 2-4).
+
+The codes are clamp(round(W / (s m) + v0 + v) + z, 0, maxq): v in [-0.5, 0.5] is a learned rounding offset per
+weight and m a learned multiplier of each group's scale, both trained by signed gradient descent through a
+straight-through round, so that a block's output matches the full-precision block's. It starts from a method's
+codes (RTN, GPTQ, AWQ): v0 = (q - z) - round(W / s), an integer, moves each weight to the method's code and keeps its
+fractional position, so, as in SignRound, the weights closest to a rounding boundary are the first to change
+(for round to nearest v0 = 0). Scales are rounded to fp16 in the forward pass, as the checkpoint stores them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantool.quant.quantizer import QuantizedWeight
+
+SCALE_RANGE = (0.5, 1.5)  # the learned multiplier of each group's scale stays in this range
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward (Bengio et al. 2013)."""
+    return x + (torch.round(x) - x).detach()
+
+
+class LearnedRounding(nn.Module):
+    """The trainable rounding of W [out, in] around a method's quantized weight `qw` (same grid, any g_idx)."""
+
+    w: torch.Tensor
+    g_idx: torch.Tensor
+    scale0: torch.Tensor
+    zero: torch.Tensor
+    v0: torch.Tensor
+
+    def __init__(self, w: torch.Tensor, qw: QuantizedWeight, maxq: int):
+        super().__init__()
+        device = w.device
+        self.maxq = maxq
+        self.register_buffer("w", w.float())
+        self.register_buffer("g_idx", qw.g_idx.long().to(device))
+        self.register_buffer("scale0", qw.scale.float().to(device))  # [groups, out]
+        self.register_buffer("zero", qw.zero.float().to(device)[self.g_idx].t())  # [out, in]
+        self.register_buffer("v0", qw.q.float().to(device) - self.zero - torch.round(self.w / self._scale(torch.ones_like(self.scale0))))
+        self.v = nn.Parameter(torch.zeros_like(self.w))
+        self.m = nn.Parameter(torch.ones_like(self.scale0))
+        self.stored = qw  # its zeros, g_idx and bias are kept as they are
+
+    def _scale(self, m: torch.Tensor) -> torch.Tensor:
+        """Each weight's scale [out, in]: the group's scale times m, rounded to fp16 (straight through)."""
+        s = self.scale0 * m
+        s = s + (s.half().float() - s).detach()
+        return s[self.g_idx].t()
+
+    def codes(self) -> torch.Tensor:
+        s = self._scale(self.m)
+        return torch.clamp(round_ste(self.w / s + self.v0 + self.v) + self.zero, 0, self.maxq)
+
+    def forward(self) -> torch.Tensor:
+        """The dequantized weight [out, in], differentiable in v and m."""
+        return self._scale(self.m) * (self.codes() - self.zero)
+
+    @torch.no_grad()
+    def sign_step(self, lr: float) -> None:
+        """Signed gradient descent (SignRound's optimizer), then each parameter back into its range."""
+        for p, (lo, hi) in ((self.v, (-0.5, 0.5)), (self.m, SCALE_RANGE)):
+            if p.grad is not None:
+                p.sub_(lr * p.grad.sign()).clamp_(lo, hi)
+                p.grad = None
+
+    @torch.no_grad()
+    def quantized(self) -> QuantizedWeight:
+        """The learned codes and scales as stored: they dequantize to exactly forward()'s weight."""
+        q = self.stored
+        return QuantizedWeight(self.codes().cpu(), (self.scale0 * self.m).half().cpu(), q.zero, q.g_idx, q.bias)

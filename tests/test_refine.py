@@ -1,0 +1,111 @@
+"""--refine: learned rounding starts at the method's codes, lowers a layer's reconstruction error (checked against a
+plain float64 computation), and the refined checkpoint loads and generates."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from quantool.cli import main
+from quantool.model.structure import LayerMap
+from quantool.ptq.layer_report import LayerReport
+from quantool.ptq.refine import refine_layer
+from quantool.quant.gptq import Hessian, gptq_quantize
+from quantool.quant.quantizer import QuantizedWeight, QuantSpec
+from quantool.quant.rounding import LearnedRounding
+
+
+def _gptq_weight(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    h = Hessian(w.shape[1], w.device)
+    h.add(x)
+    res = gptq_quantize(w, h.H, spec, percdamp=0.01, order="act")
+    return QuantizedWeight(res.q, res.scale, res.zero, res.g_idx)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq-act-order"])
+@pytest.mark.parametrize("sym", [True, False])
+def test_learned_rounding_starts_at_the_methods_codes(method, sym):
+    torch.manual_seed(0)
+    w = torch.randn(24, 96)
+    spec = QuantSpec(bits=3, group_size=32, sym=sym, min_zero=1)
+    qw = QuantizedWeight.from_rtn(w, spec) if method == "rtn" else _gptq_weight(w, torch.randn(200, 96), spec)
+    r = LearnedRounding(w, qw, spec.maxq)
+    same = r.quantized()
+    assert torch.equal(same.q, qw.q) and torch.equal(same.scale, qw.scale.half()) and torch.equal(same.zero, qw.zero)
+    assert torch.allclose(r(), qw.dequantize(), rtol=0, atol=1e-6)
+    if method == "rtn":
+        raw = torch.round(w / r._scale(r.m)) + r.zero
+        inside = (raw >= 0) & (raw <= spec.maxq)
+        assert inside.float().mean() > 0.9 and torch.count_nonzero(r.v0[inside]) == 0  # SignRound's start, v0 = 0, but where clamped
+    r.v.data.fill_(0.49)  # offsets just short of a whole step move every code up by at most one
+    moved = r.quantized().q.int() - qw.q.int()
+    assert moved.min() >= 0 and moved.max() <= 1 and moved.sum() > 0
+    assert torch.allclose(r(), r.quantized().dequantize(), rtol=0, atol=1e-6)  # what it trains is what it stores
+
+
+class _Block(nn.Module):
+    """A gated MLP block with a residual, like a decoder layer's second half."""
+
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False), nn.Linear(f, d, bias=True)
+
+    def forward(self, x):
+        return x + self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def _plain_error(block: _Block, weights: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor) -> float:
+    """The block's mean squared output error with the given weights, written out in float64."""
+    x64 = x.double()
+    w = {n: t.double() for n, t in weights.items()}
+    h = torch.nn.functional.silu(x64 @ w["gate"].t()) * (x64 @ w["up"].t())
+    y = x64 + h @ w["down"].t() + block.down.bias.detach().double()
+    return float((y - target.double()).square().mean())
+
+
+def test_refine_lowers_the_blocks_error_against_a_plain_reference():
+    torch.manual_seed(0)
+    block = _Block(64, 128)
+    x = torch.randn(16, 8, 64)
+    with torch.no_grad():
+        target = block(x)
+    lmap = LayerMap(linears=["gate", "up", "down"], groups=[["gate", "up"], ["down"]])
+    spec = QuantSpec(bits=2, group_size=32, sym=True, min_zero=1)
+    rounded = {n: block.get_submodule(n).weight.data.clone() for n in lmap.linears}
+    quantized = {n: QuantizedWeight.from_rtn(rounded[n], spec) for n in lmap.linears}
+    with torch.no_grad():
+        for n, qw in quantized.items():
+            block.get_submodule(n).weight.copy_(qw.dequantize())
+    before = _plain_error(block, {n: q.dequantize() for n, q in quantized.items()}, x, target)
+    report = LayerReport()
+    y = refine_layer(block, lmap, x, {}, target, quantized, rounded, dict.fromkeys(lmap.linears, spec), steps=60, batch=4, seed=0,
+                     device=torch.device("cpu"), tokens=4096, report=report)
+    after = _plain_error(block, {n: q.dequantize() for n, q in quantized.items()}, x, target)
+    assert report.refine["kept"] and after < 0.9 * before, (before, after)
+    assert report.refine["error_before"] == pytest.approx(before, rel=1e-4)
+    assert report.refine["error_after"] == pytest.approx(after, rel=1e-4)
+    for n, qw in quantized.items():  # the layer runs exactly the stored codes
+        assert torch.equal(block.get_submodule(n).weight.data, qw.dequantize())
+    assert torch.allclose(y, block(x).detach(), atol=1e-6)
+
+
+def test_refined_checkpoint_loads_and_generates(tiny_llama, tmp_path, story_text):
+    import quantool
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(story_text[:40000])
+    plain, refined = tmp_path / "rtn", tmp_path / "refined"
+    common = ["--group-size", "32", "--bits", "3", "--calib", str(calib), "--nsamples", "8", "--seqlen", "64", "--device", "cpu", "--json"]
+    for out, extra in ((plain, []), (refined, ["--refine", "20", "--refine-batch", "4"])):
+        result = CliRunner().invoke(main, ["rtn", str(tiny_llama), "-o", str(out), *common, *extra])
+        assert result.exit_code == 0, result.output
+    summary = json.loads((refined / "quantool.json").read_text())
+    layers = summary["layers"]
+    assert all(r["refine"]["linears"] == 7 and r["refine"]["error_after"] <= r["refine"]["error_before"] for r in layers)
+    assert any(r["refine"]["kept"] for r in layers)
+    model, tok = quantool.load(str(refined))
+    ids = tok("Once upon a time", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 8
