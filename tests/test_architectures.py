@@ -12,14 +12,20 @@ from conftest import SHARED_MODEL
 
 COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=256)
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GATED = [("input_layernorm", QKV), ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")), ("mlp.up_proj", ("mlp.down_proj",))]
 ARCHS = {
-    # expected pairs: norm->qkv, norm->mlp inputs, up->down (gated MLPs), v->o (only where shapes allow: MHA)
-    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2), 3),
-    "mistral": ("MistralConfig", dict(num_key_value_heads=2), 3),
-    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=16), 3),  # 4 norms; gelu(gate) * up
-    "phi3": ("Phi3Config", dict(num_key_value_heads=4, pad_token_id=0), 2),  # fused qkv, fused gate_up: no linear pair
-    "opt": ("OPTConfig", dict(ffn_dim=128, word_embed_proj_dim=64, num_attention_heads=4), 4),  # v->o, fc1->relu->fc2
-    "llama-mha": ("LlamaConfig", dict(num_key_value_heads=4), 4),
+    # the foldable pairs (producer -> consumers) probing must find: norm -> the linears it feeds, up -> down (gated
+    # MLPs), v -> o only where the shapes allow it (MHA), a linear -> activation -> linear MLP
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2), GATED),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2), GATED),
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=16),  # 4 norms; gelu(gate) * up
+               [("input_layernorm", QKV), ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")), ("mlp.up_proj", ("mlp.down_proj",))]),
+    "phi3": ("Phi3Config", dict(num_key_value_heads=4, pad_token_id=0),  # fused qkv, fused gate_up: no linear pair
+             [("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))]),
+    "opt": ("OPTConfig", dict(ffn_dim=128, word_embed_proj_dim=64, num_attention_heads=4),
+            [("self_attn_layer_norm", QKV), ("self_attn.v_proj", ("self_attn.out_proj",)), ("final_layer_norm", ("fc1",)), ("fc1", ("fc2",))]),
+    "llama-mha": ("LlamaConfig", dict(num_key_value_heads=4), [*GATED[:1], ("self_attn.v_proj", ("self_attn.o_proj",)), *GATED[1:]]),
 }
 
 
@@ -45,8 +51,8 @@ def test_pairs_found_by_probing(arch, tmp_path):
     _, layers = decoder_layers(model)
     x, kwargs = capture_inputs(model, layers, torch.randint(3, 512, (1, 16)), "cpu")
     lmap = map_layer(layers[0], (x,), kwargs)
-    assert len(lmap.pairs) == ARCHS[arch][2], lmap.pairs
-    assert all(p.kind in ("norm", "linear") for p in lmap.pairs)
+    assert [(p.producer, tuple(p.consumers)) for p in lmap.pairs] == ARCHS[arch][2]
+    assert all(p.kind == ("linear" if "proj" in p.producer or p.producer.startswith("fc") else "norm") for p in lmap.pairs)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2", "phi3", "opt"])

@@ -94,7 +94,8 @@ def test_measurement_suite_writes_what_the_accuracy_test_reads(tmp_path):
     import json
 
     from memory_suite import run_suite, table
-    from test_memory import measured_cases
+
+    from quantool.memory import Job, ModelShape
 
     cases = [{"model": "smollm2-135m", "job": {"method": "inference", "batch": 1, "seq": 32, "gen": 4}},
              {"model": "smollm2-135m", "job": {"method": "lora", "batch": 1, "seq": 32, "lora_rank": 4, "lora_targets": ["qv"]}}]
@@ -105,7 +106,8 @@ def test_measurement_suite_writes_what_the_accuracy_test_reads(tmp_path):
     assert logged == []  # nothing re-run
     data = json.loads(out.read_text())
     assert len(data["cases"]) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["measured.json"]
-    for (shape, job, measured), case in zip(measured_cases(data), data["cases"]):
+    measured_cases = ((ModelShape.from_dict(c["shape"]), Job.from_dict(c["job"]), c["measured"]["peak_bytes"]) for c in data["cases"])
+    for (shape, job, measured), case in zip(measured_cases, data["cases"]):
         assert abs(estimate(shape, job).traced_peak_bytes / measured - 1) <= 0.05
         assert case["label"].startswith(job.method)
     assert "| smollm2-135m | lora b1 s32 lora qv |" in table(data)

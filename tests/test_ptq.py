@@ -235,6 +235,7 @@ def test_sharded_output_with_index(tiny_llama, tmp_path, monkeypatch):
     assert isinstance(loaded.get_submodule("model.layers.1.mlp.down_proj"), QuantLinear)
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_depth(tmp_path):
     """Streaming holds about one layer: a model 4x deeper (and ~3x larger) quantizes at about the same peak RSS."""
     # VmHWM, the peak resident set of this process image (ru_maxrss would inherit the parent's across fork + exec)

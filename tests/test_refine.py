@@ -109,3 +109,34 @@ def test_refined_checkpoint_loads_and_generates(tiny_llama, tmp_path, story_text
     ids = tok("Once upon a time", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 8
+
+
+def test_refine_keeps_the_methods_codes_when_it_does_not_help(monkeypatch):
+    """Refined codes that raise the error over all windows are dropped: the method's codes, weights and outputs stay."""
+    torch.manual_seed(1)
+    block = _Block(64, 128)
+    x = torch.randn(8, 8, 64)
+    with torch.no_grad():
+        target = block(x)
+    lmap = LayerMap(linears=["gate", "up", "down"], groups=[["gate", "up"], ["down"]])
+    spec = QuantSpec(bits=4, group_size=32, sym=True, min_zero=1)
+    rounded = {n: block.get_submodule(n).weight.data.clone() for n in lmap.linears}
+    quantized = {n: QuantizedWeight.from_rtn(rounded[n], spec) for n in lmap.linears}
+    original = {n: q.q.clone() for n, q in quantized.items()}
+    with torch.no_grad():
+        for n, qw in quantized.items():
+            block.get_submodule(n).weight.copy_(qw.dequantize())
+        expected = block(x)
+
+    def harmful(self, lr):  # every code a step up: the error can only grow
+        self.v.data.fill_(0.5)
+        self.v.grad = self.m.grad = None
+
+    monkeypatch.setattr(LearnedRounding, "sign_step", harmful)
+    report = LayerReport()
+    y = refine_layer(block, lmap, x, {}, target, quantized, rounded, dict.fromkeys(lmap.linears, spec), steps=2, batch=4, seed=0,
+                     device=torch.device("cpu"), tokens=4096, report=report)
+    assert not report.refine["kept"] and report.refine["error_after"] > report.refine["error_before"]
+    assert all(torch.equal(quantized[n].q, original[n]) for n in lmap.linears)
+    assert all(torch.equal(block.get_submodule(n).weight.data, quantized[n].dequantize()) for n in lmap.linears)
+    assert torch.equal(y, expected)

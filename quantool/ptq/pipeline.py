@@ -192,6 +192,7 @@ def _refined(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: di
     rounded: dict[str, torch.Tensor] = {}
     quantized, report, y = DRIVERS[cfg.method].quantize_layer(layer, lmap, x, kwargs, specs, cfg, device, rounded=rounded)
     target = y if target is None else target
+    del y  # GPTQ's outputs are replaced by the refined layer's
     refined_y = refine_layer(layer, lmap, x, kwargs, target, quantized, rounded, specs, cfg.refine, cfg.refine_batch, seed, device,
                              cfg.chunk_tokens, report)
     return quantized, report, (target if cfg.method == "awq" else refined_y)

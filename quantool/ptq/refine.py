@@ -51,7 +51,7 @@ def refine_layer(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs
     """Refine the layer's quantized linears in place (`quantized` and the layer's weights); returns the layer's
     outputs on x with the codes kept. `rounded` holds the weights each method rounded (before rounding)."""
     names = _refinable(layer, lmap, quantized)
-    before, y = output_error(layer, x, kwargs, target, device, tokens)
+    before = output_error(layer, x, kwargs, target, device, tokens)[0]
     learners = {n: LearnedRounding(rounded[n].to(device), quantized[n], specs[n].maxq) for n in names}
     transposed = {n: not isinstance(layer.get_submodule(n), torch.nn.Linear) for n in names}  # Conv1D stores [in, out]
     dtypes = {n: layer.get_submodule(n).weight.dtype for n in names}
@@ -77,12 +77,13 @@ def refine_layer(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs
     for n, qw in refined.items():
         w = qw.dequantize().to(device)
         set_weight(layer.get_submodule(n), w.t() if transposed[n] else w)
-    after, y_refined = output_error(layer, x, kwargs, target, device, tokens)
+    after, y = output_error(layer, x, kwargs, target, device, tokens)
     report.refine = {"error_before": before, "error_after": after, "kept": after < before, "linears": len(names)}
     if after < before:
         quantized.update(refined)
-        return y_refined
+        return y
+    del y
     for n in names:  # the method's codes were better on all windows: put them back
         w = quantized[n].dequantize().to(device)
         set_weight(layer.get_submodule(n), w.t() if transposed[n] else w)
-    return y
+    return run_layer(layer, x, kwargs, device, tokens)
