@@ -65,19 +65,25 @@ def _plain_error(block: _Block, weights: dict[str, torch.Tensor], x: torch.Tenso
     return float((y - target.double()).square().mean())
 
 
-def test_refine_lowers_the_blocks_error_against_a_plain_reference():
-    torch.manual_seed(0)
+def _rounded_block(seed: int, samples: int, bits: int):
+    """A random block, its full-precision outputs on random inputs, and the block rounded to nearest in place."""
+    torch.manual_seed(seed)
     block = _Block(64, 128)
-    x = torch.randn(16, 8, 64)
+    x = torch.randn(samples, 8, 64)
     with torch.no_grad():
         target = block(x)
     lmap = LayerMap(linears=["gate", "up", "down"], groups=[["gate", "up"], ["down"]])
-    spec = QuantSpec(bits=2, group_size=32, sym=True, min_zero=1)
+    spec = QuantSpec(bits=bits, group_size=32, sym=True, min_zero=1)
     rounded = {n: block.get_submodule(n).weight.data.clone() for n in lmap.linears}
     quantized = {n: QuantizedWeight.from_rtn(rounded[n], spec) for n in lmap.linears}
     with torch.no_grad():
         for n, qw in quantized.items():
             block.get_submodule(n).weight.copy_(qw.dequantize())
+    return block, x, target, lmap, spec, rounded, quantized
+
+
+def test_refine_lowers_the_blocks_error_against_a_plain_reference():
+    block, x, target, lmap, spec, rounded, quantized = _rounded_block(seed=0, samples=16, bits=2)
     before = _plain_error(block, {n: q.dequantize() for n, q in quantized.items()}, x, target)
     report = LayerReport()
     y = refine_layer(block, lmap, x, {}, target, quantized, rounded, dict.fromkeys(lmap.linears, spec), steps=60, batch=4, seed=0,
@@ -113,19 +119,9 @@ def test_refined_checkpoint_loads_and_generates(tiny_llama, tmp_path, story_text
 
 def test_refine_keeps_the_methods_codes_when_it_does_not_help(monkeypatch):
     """Refined codes that raise the error over all windows are dropped: the method's codes, weights and outputs stay."""
-    torch.manual_seed(1)
-    block = _Block(64, 128)
-    x = torch.randn(8, 8, 64)
-    with torch.no_grad():
-        target = block(x)
-    lmap = LayerMap(linears=["gate", "up", "down"], groups=[["gate", "up"], ["down"]])
-    spec = QuantSpec(bits=4, group_size=32, sym=True, min_zero=1)
-    rounded = {n: block.get_submodule(n).weight.data.clone() for n in lmap.linears}
-    quantized = {n: QuantizedWeight.from_rtn(rounded[n], spec) for n in lmap.linears}
+    block, x, target, lmap, spec, rounded, quantized = _rounded_block(seed=1, samples=8, bits=4)
     original = {n: q.q.clone() for n, q in quantized.items()}
     with torch.no_grad():
-        for n, qw in quantized.items():
-            block.get_submodule(n).weight.copy_(qw.dequantize())
         expected = block(x)
 
     def harmful(self, lr):  # every code a step up: the error can only grow

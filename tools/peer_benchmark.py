@@ -1,12 +1,15 @@
-"""quantool against GPT-QModel on the same calibration tokens, one perplexity protocol for every checkpoint.
+"""quantool against its peers (GPT-QModel, AutoRound) on the same calibration tokens, one perplexity protocol for every
+checkpoint.
 
     python3 /work/shared/models/smollm2-135m/to_hf.py /tmp/smollm2-135m        # the model, once (needs gguf)
     python3 -m venv --system-site-packages /tmp/peer && /tmp/peer/bin/pip install gptqmodel==7.6.0
     python tools/peer_benchmark.py --model /tmp/smollm2-135m --peer-python /tmp/peer/bin/python
+    python3 -m venv --system-site-packages /tmp/ar && /tmp/ar/bin/pip install auto-round==0.16.1     # AutoRound rows
+    python tools/peer_benchmark.py --model /tmp/smollm2-135m --autoround-python /tmp/ar/bin/python --configs gptq-w4g64
 
 The text (WikiText-2 test by default) is cut at the newline nearest its middle character: the first half
 is the calibration text of both tools, which draw the same windows from it (quantool's seeded disjoint
-windows, handed to GPT-QModel as token ids); perplexity is measured on the tokens of the second half
+windows, handed to GPT-QModel and AutoRound as token ids); perplexity is measured on the tokens of the second half
 only, so calibration and evaluation never share a token. Every quantization runs as its own process,
 timed by wall clock, with peak RSS from the kernel (wait4's ru_maxrss, through tools/child_rusage.py's
 launcher). Both tools use their own defaults for what the settings leave open (quantool: group-aware
@@ -67,6 +70,26 @@ def peer_child(args) -> None:
     model.save(str(args.out))
 
 
+def autoround_child(args) -> None:
+    """Runs inside AutoRound's Python: SignRound (`iters` steps per block) on exactly quantool's windows; GPTQ v1 output."""
+    import torch
+    from auto_round import AutoRound
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantool import text
+
+    _, bits, group = CONFIGS[args.config]
+    tok = AutoTokenizer.from_pretrained(args.model)
+    windows = text.windows(text.tokenize(tok, text.read_text(str(args.calib))), args.nsamples, args.seqlen, args.seed)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    ar = AutoRound(model, tok, bits=bits, group_size=group, sym=True, iters=args.iters, nsamples=len(windows), seqlen=args.seqlen,
+                   dataset=[w[None] for w in windows], seed=args.seed, device_map="cpu")
+    export = args.out.with_name(args.out.name + ".autoround")  # AutoRound saves into a folder it names inside this one
+    ar.quantize_and_save(str(export), format="auto_gptq")
+    next(p for p in export.iterdir() if (p / "config.json").exists()).rename(args.out)
+    shutil.rmtree(export)
+
+
 def quantool_cmd(args, name: str, calib: Path, out: Path) -> list[str]:
     method, bits, group = CONFIGS[name]
     return ["quantool", method, str(args.model), "-o", str(out), "--bits", str(bits), "--group-size", str(group),
@@ -87,9 +110,10 @@ def evaluate(path: Path, eval_text: Path, ctx: int, max_tokens: int) -> float:
 def markdown(data: dict) -> str:
     m = data["machine"]
     base = data["fp16_ppl"]
-    lines = ["# SmolLM2-135M: quantool against GPT-QModel on the same tokens", "",
+    peers = ", ".join(f"{name} {v}" for name, v in (("GPT-QModel", data.get("peer_version")), ("auto-round", data.get("autoround_version"))) if v)
+    lines = ["# SmolLM2-135M: quantool against its peers on the same tokens", "",
              f"Measured {data['date']} on {m['cpus']} CPU cores (no GPU), Python {m['python']}, torch {m['torch']}, "
-             f"transformers {m['transformers']}, GPT-QModel {data['peer_version']}. Regenerate with `{data['command']}`.", "",
+             f"transformers {m['transformers']}{', ' + peers if peers else ''}. Regenerate with `{data['command']}`.", "",
              f"Model: SmolLM2-135M-Instruct (hidden 576, MLP 1536, 30 layers) as an fp16 HF folder. Calibration: "
              f"{data['nsamples']} x {data['seqlen']} tokens, seed {data['seed']}, drawn by both tools as the same windows "
              f"from the first half of {data['text']} (cut at a newline near its middle character). Evaluation: perplexity "
@@ -97,10 +121,11 @@ def markdown(data: dict) -> str:
              f"evaluation share no token. Every checkpoint, whoever wrote it, is loaded and evaluated by the same code. "
              f"GPTQ: symmetric, no act-order; otherwise each tool at its defaults (quantool: group-aware order, damp "
              f"0.01, least-error group ranges{', then ' + data['quantool_args'] if data.get('quantool_args') else ''}; "
-             f"GPT-QModel: group-aware reordering, damp 0.05). Wall time and peak RSS "
+             f"GPT-QModel: group-aware reordering, damp 0.05; AutoRound: SignRound, symmetric, at the iterations shown). "
+             f"Wall time and peak RSS "
              f"(wait4's ru_maxrss) are of each quantization process, from this one run.", "",
              f"fp16: ppl {base:.2f}. Recovered = the share of RTN's perplexity increase that the method removes.", "",
-             "| checkpoint | tool | ppl | Δppl vs fp16 | recovered | wall time | peak RSS | time ours/peer | RSS ours/peer |",
+             "| checkpoint | tool | ppl | Δppl vs fp16 | recovered | wall time | peak RSS | time quantool/this | RSS quantool/this |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in data["runs"]:
         if r.get("error"):
@@ -108,9 +133,9 @@ def markdown(data: dict) -> str:
             continue
         rtn = next((x["ppl"] for x in data["runs"] if x["tool"] == "quantool" and x["label"] == r["rtn_label"]), None)
         rec = "" if rtn is None or r["label"] == r["rtn_label"] else f"{(rtn - r['ppl']) / (rtn - base):.0%}"
-        peer = next((x for x in data["runs"] if x["label"] == r["label"] and x["tool"] != r["tool"] and not x.get("error")), None)
-        ratios = ("| – | –" if peer is None or r["tool"] != "quantool" else
-                  f"| {r['seconds'] / peer['seconds']:.2f} | {r['peak_rss_bytes'] / peer['peak_rss_bytes']:.2f}")
+        ours = next((x for x in data["runs"] if x["label"] == r["label"] and x["tool"] == "quantool" and not x.get("error")), None)
+        ratios = ("| – | –" if ours is None or r["tool"] == "quantool" else
+                  f"| {ours['seconds'] / r['seconds']:.2f} | {ours['peak_rss_bytes'] / r['peak_rss_bytes']:.2f}")
         lines.append(f"| {r['label']} | {r['tool']} | {r['ppl']:.2f} | {r['ppl'] - base:+.2f} | {rec} | {r['seconds']:.0f} s "
                      f"| {r['peak_rss_bytes'] / 2**30:.2f} GiB {ratios} |")
     errors = [r for r in data["runs"] if r.get("error")]
@@ -127,6 +152,9 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--quantool-args", default="", help="extra options for quantool's GPTQ/AWQ runs, e.g. --quantool-args=--no-mse")
     ap.add_argument("--peer-python", default=None, help="a Python with gptqmodel installed (omit: quantool only)")
+    ap.add_argument("--autoround-python", default=None, help="a Python with auto-round installed (omit: no AutoRound rows)")
+    ap.add_argument("--autoround-iters", default="50,200", help="AutoRound's iterations per block, one run each (50: its light "
+                    "recipe, 200: its default)")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
@@ -135,11 +163,13 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantool-peer"))
     ap.add_argument("-o", "--out", type=Path, default=ROOT / "reports/smollm2-peer.json")
     ap.add_argument("--peer-child", help=argparse.SUPPRESS)
+    ap.add_argument("--autoround-child", help=argparse.SUPPRESS)
+    ap.add_argument("--iters", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--calib", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.peer_child:
-        args.config, args.out = args.peer_child, Path(args.out)
-        peer_child(args)
+    if args.peer_child or args.autoround_child:
+        args.config, args.out = args.peer_child or args.autoround_child, Path(args.out)
+        (peer_child if args.peer_child else autoround_child)(args)
         return
     import torch
     import transformers
@@ -149,16 +179,18 @@ def main() -> None:
     calib, evaluation = split_text(args.text, args.work)
     evaluate_ = functools.partial(evaluate, eval_text=evaluation, ctx=args.ctx, max_tokens=args.max_tokens)
     runs = []
-    env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2")
-    peer_version = None
-    if args.peer_python:
-        peer_version = subprocess.run([args.peer_python, "-c", "import importlib.metadata as m; print(m.version('gptqmodel'))"],
-                                      capture_output=True, text=True, check=True).stdout.strip()
+    env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", PYTHONPATH=str(ROOT))
+
+    def version(python: str | None, package: str) -> str | None:
+        return python and subprocess.run([python, "-c", f"import importlib.metadata as m; print(m.version('{package}'))"],
+                                         capture_output=True, text=True, check=True).stdout.strip()
+
+    peer_version, autoround_version = version(args.peer_python, "gptqmodel"), version(args.autoround_python, "auto-round")
     data = {"date": time.strftime("%Y-%m-%d"), "command": "python tools/peer_benchmark.py " + " ".join(sys.argv[1:]),
             "quantool_args": args.quantool_args,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                         "transformers": transformers.__version__},
-            "peer_version": peer_version, "text": args.text.name, "nsamples": args.nsamples, "seqlen": args.seqlen,
+            "peer_version": peer_version, "autoround_version": autoround_version, "text": args.text.name, "nsamples": args.nsamples, "seqlen": args.seqlen,
             "seed": args.seed, "ctx": args.ctx, "max_tokens": args.max_tokens, "fp16_ppl": evaluate_(args.model), "runs": runs}
     for name in args.configs.split(","):
         method, bits, group = CONFIGS[name]
@@ -176,6 +208,11 @@ def main() -> None:
                         "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
                         "-o", str(args.work / f"gptqmodel-{name}")]
             jobs.append((f"GPT-QModel {peer_version}", label, peer_cmd, env))
+        for iters in args.autoround_iters.split(",") if args.autoround_python else []:
+            ar_cmd = [args.autoround_python, str(Path(__file__).resolve()), "--model", str(args.model), "--autoround-child", name,
+                      "--calib", str(calib), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
+                      "--iters", iters, "-o", str(args.work / f"autoround{iters}-{name}")]
+            jobs.append((f"AutoRound {autoround_version}, iters {iters}", label, ar_cmd, env))
         for tool, lab, cmd, child_env in jobs:
             path = Path(cmd[cmd.index("-o") + 1])
             shutil.rmtree(path, ignore_errors=True)
