@@ -174,6 +174,26 @@ def test_gptq_checkpoint_layout(tiny_llama, tmp_path, story_text):
     assert not (tmp_path / "gptq.partial").exists()
 
 
+def test_linears_of_one_input_at_different_widths(tiny_llama, tmp_path, story_text):
+    """quantool fit may give q, k and v (one input, one stacked GPTQ problem) different widths: each is quantized at its
+    own, as the uniform run of that width quantizes it (regression: all took q's width, and the packer kept the
+    low bits of k's codes)."""
+    calib = calib_file(tmp_path, story_text)
+    cfg = dict(method="gptq", group_size=32, calib=calib, nsamples=4, seqlen=64, device="cpu")
+    attn = "model.layers.0.self_attn"
+    widths = {f"{attn}.q_proj": 3, f"{attn}.k_proj": 2, f"{attn}.v_proj": 4}
+    quantize_model(str(tiny_llama), tmp_path / "mixed", PTQConfig(**cfg, bits=4, module_bits=widths), log=lambda m: None)
+    mixed, _ = quantool.load(str(tmp_path / "mixed"))
+    for name, bits in widths.items():
+        quantize_model(str(tiny_llama), tmp_path / f"w{bits}", PTQConfig(**cfg, bits=bits), log=lambda m: None)
+        uniform, _ = quantool.load(str(tmp_path / f"w{bits}"))
+        a, b = mixed.get_submodule(name), uniform.get_submodule(name)
+        assert a.bits == b.bits == bits
+        # the same GPTQ problem, stacked with other rows or not: equal up to float rounding in the block products
+        same = (a.dequantized() == b.dequantized()).float().mean()
+        assert same > 0.99, (name, float(same))
+
+
 def test_a_group_that_does_not_divide_a_width_becomes_one_that_divides_all(tmp_path, story_text):
     """--group-size 64 on 96- and 160-wide layers: every linear uses groups of 32 (loaders need groups that divide
     the width, and transformers' GPTQ loader takes one group size), the config says 32, the run says why, and the

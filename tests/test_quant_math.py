@@ -320,3 +320,18 @@ def test_chunked_packing_equals_packing_whole(bits):
     if bits == 4:
         codes = torch.randint(0, 16, (300, 256), generator=gen, dtype=torch.int32)
         assert torch.equal(pack_awq(codes, chunk=3000), _pack_awq(codes))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_refuses_codes_wider_than_the_layout(bits):
+    """A code that does not fit its width must stop the write, not lose its high bits."""
+    codes = torch.zeros(32, 8, dtype=torch.int32)
+    pack_rows(codes + (1 << bits) - 1, bits)
+    codes[5, 3] = 1 << bits
+    with pytest.raises(ValueError, match=f"do not fit {bits} bits"):
+        pack_rows(codes, bits)
+    with pytest.raises(ValueError, match="do not fit"):
+        pack_rows(codes - 2 * (1 << bits), bits)
+    if bits == 4:
+        with pytest.raises(ValueError, match="do not fit 4 bits"):
+            pack_awq(codes)

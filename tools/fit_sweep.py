@@ -48,7 +48,8 @@ def markdown(data: dict, plot: str) -> str:
              f"on {data['nsamples']} x {data['seqlen']} tokens from the first half of {data['text']}; perplexity at "
              f"context {data['ctx']} on the first {data['max_tokens']} tokens of the second half. Planned peak: "
              f"`quantool memory --model CHECKPOINT` for the job, which reads the written checkpoint's tensor sizes. "
-             f"Wall time and peak RSS are of each quantization process.", "",
+             f"Wall time and peak RSS are of each quantization process; fit measures the sensitivities once per measure "
+             f"(its first, smallest budget's run includes that) and reuses them for the other budgets.", "",
              f"fp16: ppl {data['fp16_ppl']:.2f}.", "",
              f"![planned peak against perplexity]({plot})", "",
              "| strategy | budget | planned peak | avg bits | widths | ppl | on disk | wall time | peak RSS |",

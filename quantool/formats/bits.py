@@ -28,8 +28,16 @@ def pack_rows(codes: torch.Tensor, bits: int, chunk: int = CHUNK) -> torch.Tenso
     """int codes [n, m] (n a multiple of unit(bits)[0]) -> int32 [n * bits / 32, m], bit stream along dim 0.
     Packed in column chunks of about `chunk` codes, so the int64 working copies stay small (a 7B gate_proj's
     whole int64 copy would be 360 MB)."""
+    _check_range(codes, bits)
     cols = max(1, chunk // max(1, codes.shape[0]))
     return torch.cat([_pack_rows(codes[:, i:i + cols], bits) for i in range(0, codes.shape[1], cols)], dim=1)
+
+
+def _check_range(codes: torch.Tensor, bits: int) -> None:
+    """Codes must fit their width: packing would otherwise keep only their low bits, a silently wrong checkpoint."""
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
+        raise ValueError(f"codes in [{int(codes.min())}, {int(codes.max())}] do not fit {bits} bits: the quantizer and the "
+                         f"layout disagree on this linear's width")
 
 
 def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -76,6 +84,7 @@ def unpack_cols(words: torch.Tensor, bits: int) -> torch.Tensor:
 def pack_awq(codes: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
     """4-bit codes [n, m] (m multiple of 8) -> int32 [n, m / 8] in AWQ's interleaved order, in row chunks of about
     `chunk` codes."""
+    _check_range(codes, 4)
     rows = max(1, chunk // max(1, codes.shape[1]))
     return torch.cat([_pack_awq(codes[i:i + rows]) for i in range(0, codes.shape[0], rows)])
 

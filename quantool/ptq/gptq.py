@@ -91,11 +91,20 @@ def quantize_layer(layer: nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: di
             if b == 0:
                 start = (layer.get_submodule(entry), calls["calls"]) if calls.get("calls") else None
             for group in batch:
-                _quantize_group(layer, lmap, group, hessians[group[0]], specs[group[0]], cfg, results, report)
+                for same in _by_spec(group, specs):  # linears of one input at other widths (quantool fit) apart
+                    _quantize_group(layer, lmap, same, hessians[group[0]], specs[same[0]], cfg, results, report)
             del hessians
     start = None  # the recorded calls go before the last pass, whose replayed outputs take their place
     _note_experts(lmap, report)
     return results, report, run_layer(layer, x, kwargs, device, cfg.chunk_tokens, replay=memo)
+
+
+def _by_spec(group: list[str], specs: dict[str, QuantSpec]) -> list[list[str]]:
+    """The group's linears in runs of one quantizer, first appearance first: one stacked GPTQ problem each."""
+    runs: dict[QuantSpec, list[str]] = {}
+    for name in group:
+        runs.setdefault(specs[name], []).append(name)
+    return list(runs.values())
 
 
 def _finished_children(layer: nn.Module, lmap: LayerMap, quantized: dict) -> list[nn.Module]:
