@@ -69,6 +69,8 @@ class PTQConfig:
     refine: int = opt(0, "Steps of block-wise reconstruction per decoder layer after the method (learned rounding and "
                       "scales, SignRound's loop; needs calibration, also for rtn). 0: off.")
     refine_batch: int = opt(8, "--refine: calibration windows per step.")
+    refine_lr: float = opt(1.0, "--refine: learning rate as a multiple of SignRound's 1/N (decaying linearly to 0); lower "
+                           "moves fewer codes (docs/quantization.md has the measurements).")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1 ...")
     seed: int = opt(0, "Seed of the calibration window sampling.")
     module_bits: dict[str, int] | None = opt(None, "Bits per decoder linear by full name (quantool fit's choice); the "
@@ -107,8 +109,8 @@ class PTQConfig:
                                 f"e.g. 0.01 or 0.05")
         if self.static_groups and self.order != "act":
             raise QuantoolError("--static-groups only matters with --order act")
-        if self.refine < 0 or self.refine_batch < 1:
-            raise QuantoolError("--refine must be >= 0 (0: off) and --refine-batch >= 1")
+        if self.refine < 0 or self.refine_batch < 1 or not self.refine_lr > 0:
+            raise QuantoolError("--refine must be >= 0 (0: off), --refine-batch >= 1 and --refine-lr > 0")
         if self.awq_search_tokens < 1:
             raise QuantoolError("--awq-search-tokens must be at least 1")
         for bits in set((self.module_bits or {}).values()):

@@ -133,7 +133,7 @@ def quantize_layers(source: ModelSource, work: Path, cfg: PTQConfig, device: tor
         specs = {n: cfg.spec_for(f"{prefix}.{i}.{n}").with_group(group) for n in lmap.linears}
         if cfg.refine:
             assert x is not None and kwargs is not None  # a refined run is calibrated
-            quantized, report, y = _refined(layer, lmap, x, kwargs, specs, cfg, device, seed=cfg.seed + i)
+            quantized, report, y = quantize_and_refine(layer, lmap, x, kwargs, specs, cfg, device, seed=cfg.seed + i)
         else:
             quantized, report, y = DRIVERS[cfg.method].quantize_layer(layer, lmap, x, kwargs, specs, cfg, device)
         plain, named, origin, experts = layer_outputs(layer, lmap, f"{prefix}.{i}.", quantized, weights)
@@ -184,7 +184,7 @@ def quantize_layers(source: ModelSource, work: Path, cfg: PTQConfig, device: tor
     return summary
 
 
-def _refined(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: dict, specs: dict, cfg: PTQConfig,
+def quantize_and_refine(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: dict, specs: dict, cfg: PTQConfig,
              device: torch.device, seed: int) -> tuple[dict, LayerReport, torch.Tensor]:
     """The method, then --refine's reconstruction against the full-precision layer's outputs on the same inputs.
     The next layer's inputs: the refined layer's outputs, except for AWQ, which passes full-precision ones on."""
@@ -194,7 +194,7 @@ def _refined(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: di
     target = y if target is None else target
     del y  # GPTQ's outputs are replaced by the refined layer's
     refined_y = refine_layer(layer, lmap, x, kwargs, target, quantized, rounded, specs, cfg.refine, cfg.refine_batch, seed, device,
-                             cfg.chunk_tokens, report)
+                             cfg.chunk_tokens, report, lr=cfg.refine_lr)
     return quantized, report, (target if cfg.method == "awq" else refined_y)
 
 

@@ -5,7 +5,7 @@ Starting from the method's codes and scales (`quant.rounding.LearnedRounding`), 
 each on a random batch of calibration windows, minimise the mean squared error between the layer's output with
 the learned rounding and the full-precision layer's output on the same inputs (the pipeline's inputs: the
 outputs of the already-quantized layers, or of the full-precision ones for AWQ). The learning rate decays
-linearly from 1/N, so an offset can move at most about 0.5 over the run. The refined codes are kept only if
+linearly from lr/N (SignRound: lr = 1), so an offset can move at most about lr/2 over the run. The refined codes are kept only if
 they lower the error over all calibration windows; the layer report gives the error before and after.
 Experts held in fused parameters keep the method's codes.
 """
@@ -47,7 +47,7 @@ def _refinable(layer: torch.nn.Module, lmap: LayerMap, quantized: dict[str, Quan
 
 def refine_layer(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: dict, target: torch.Tensor,
                  quantized: dict[str, QuantizedWeight], rounded: dict[str, torch.Tensor], specs: dict[str, QuantSpec], steps: int,
-                 batch: int, seed: int, device: torch.device, tokens: int, report: LayerReport) -> torch.Tensor:
+                 batch: int, seed: int, device: torch.device, tokens: int, report: LayerReport, lr: float = 1.0) -> torch.Tensor:
     """Refine the layer's quantized linears in place (`quantized` and the layer's weights); returns the layer's
     outputs on x with the codes kept. `rounded` holds the weights each method rounded (before rounding)."""
     names = _refinable(layer, lmap, quantized)
@@ -69,9 +69,8 @@ def refine_layer(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs
             out = functional_call(layer, weights, (x[pick].to(device),), kw)
             out = out[0] if isinstance(out, tuple) else out
             F.mse_loss(out.float(), target[pick].to(device).float()).backward()
-            lr = (1 - step / steps) / steps
             for r in learners.values():
-                r.sign_step(lr)
+                r.sign_step(lr * (1 - step / steps) / steps)
     refined = {n: r.quantized() for n, r in learners.items()}
     del learners
     for n, qw in refined.items():
