@@ -43,8 +43,8 @@ def markdown(data: dict) -> str:
              "Models: Llama-2-7B shapes (hidden 4096, MLP 11008, 32 heads, vocab 32000) with random fp16 weights and "
              "4, 8 or 32 decoder layers (`tools/make_random_llama.py`); 32 layers is the full 7B model (12.6 GiB of "
              "fp16 safetensors). Calibration: WikiText-2 test text. Peak RSS is the kernel's ru_maxrss of the "
-             "`quantool` process. Wall times are as measured, with the script run at low priority (nice) beside "
-             "other work: read them as an upper bound, not a speed benchmark. "
+             "`quantool` process. Wall times are as measured, beside other work on the same cores: read them as an "
+             "upper bound, not a speed benchmark. "
              f"Regenerate with `{data['command']}`.", "",
              "| method | layers | source size | peak RSS | wall time | output size |", "|---|---:|---:|---:|---:|---:|"]
     for r in data["runs"]:
@@ -56,6 +56,7 @@ def markdown(data: dict) -> str:
         if 8 in by_depth:
             lines += [f"- {method}, 8 -> {n} layers: {by_depth[n] / by_depth[8]:.3f}x ({(by_depth[n] - by_depth[8]) / 2**20:+.0f} MiB)"
                       for n in sorted(by_depth) if n != 8]
+    lines += [f"- {note}" for note in data.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
