@@ -3,12 +3,9 @@
 The measure is the error GPTQ itself minimizes: tr(dW H dW^T) with H = 2/n sum x x^T over the linear's real inputs,
 that is twice the mean squared error the quantized linear adds to its output per token (Frantar et al. 2022,
 eq. 1). With `gptq` it is the error left after GPTQ quantizes the linear at that width; with `rtn`, the error of
-rounding to nearest, weighed by the same Hessian (no GPTQ solve: cheaper). Each error is divided by the mean
-squared norm of the residual stream entering its layer: the stream grows with depth (SmolLM2-135M: about 15x
-from the first layer to the 26th), while what a later layer does with an error depends on the error relative to
-the stream it normalizes; unnormalized, the choice starved the first layers (docs/fit.md has the measurements).
-The KV cache's rounding (fp8) is measured in the same units, on the keys and values the layer really caches.
-Inputs of each layer come from the full-precision model.
+rounding to nearest, weighed by the same Hessian (no GPTQ solve: cheaper, see docs/fit.md for which fit chose
+better). The KV cache's rounding (fp8) is measured in the same units, on the keys and values the layer really
+caches. Inputs of each layer come from the full-precision model.
 """
 
 from __future__ import annotations
@@ -35,7 +32,6 @@ from quantool.quant.quantizer import QuantizedWeight, QuantSpec
 from quantool.util.atomic import write_json
 
 KV_DTYPES = {"fp8": torch.float8_e4m3fn}
-NORMALIZATION = "residual stream"  # recorded in the settings, so sensitivities measured otherwise are measured again
 
 
 @dataclass
@@ -118,8 +114,7 @@ def measure(source: ModelSource, cfg: PTQConfig, candidates: tuple[int, ...], me
     prefix, layers = decoder_layers(model)
     x, kwargs, calib = capture_calibration(source, model, prefix, layers, weights, cfg, device, log)
     result = Sensitivities({"candidates": list(candidates), "method": method, "group_size": cfg.group_size, "sym": cfg.sym,
-                            "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "calib": cfg.calib, "seed": cfg.seed,
-                            "normalization": NORMALIZATION},
+                            "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "calib": cfg.calib, "seed": cfg.seed},
                            calibration=calib)
     kv = {name: 0.0 for name in KV_DTYPES}
     group = quantization_group(layers, cfg, LAYOUTS[cfg.format])
@@ -128,11 +123,9 @@ def measure(source: ModelSource, cfg: PTQConfig, candidates: tuple[int, ...], me
     maps: dict[str, LayerMap] = {}
     samples = x.shape[0]
 
-    energy = 1.0  # the mean squared norm of the residual stream entering the current layer
-
     def on_kv(k: torch.Tensor, v: torch.Tensor) -> None:  # called per chunk of samples: weighted to a mean over all
         for name, dtype in KV_DTYPES.items():
-            kv[name] += (_rounding_error(k, dtype) + _rounding_error(v, dtype)) * k.shape[0] / samples / energy
+            kv[name] += (_rounding_error(k, dtype) + _rounding_error(v, dtype)) * k.shape[0] / samples
 
     for i, layer in enumerate(layers):
         weights.load(layer, f"{prefix}.{i}.")
@@ -143,14 +136,12 @@ def measure(source: ModelSource, cfg: PTQConfig, candidates: tuple[int, ...], me
         lmap = maps[key]
         units = {n: lmap.unit(layer, n) for n in lmap.linears}
         hessians = _hessians(layer, lmap, units, x, kwargs, device, cfg.chunk_tokens)
-        energy = float(sum(float(c.float().square().sum()) for c in x.split(8)) / (x.numel() // x.shape[-1]))
         for members in lmap.groups:
             h = hessians[members[0]].H
             for name in members:
                 w = units[name].weight.data
                 out_f, in_f = w.shape
-                errors = {b: e / energy for b, e in _unit_errors(w, h, specs, cfg, method).items()}
-                result.units[f"{prefix}.{i}.{name}"] = {"out": out_f, "in": in_f, "errors": errors, "stream": energy}
+                result.units[f"{prefix}.{i}.{name}"] = {"out": out_f, "in": in_f, "errors": _unit_errors(w, h, specs, cfg, method)}
         del hessians
 
         y = run_layer(layer, x, {**kwargs, cache_kwarg(layer): _RecordingCache(on_kv), "use_cache": True}, device, cfg.chunk_tokens)
