@@ -339,6 +339,18 @@ def test_quantization_plan_matches_measured_host_peaks():
         assert abs(error) < 0.10, f"{run['method']} {run['layers']} layers: predicted {error:+.1%} off the measured peak RSS"
 
 
+def test_quantization_plan_matches_measured_host_peaks_on_a_real_model():
+    """reports/quantize-memory.json (SmolLM2-135M, rtn and gptq/awq at two calibration sizes, on a CPU) against the
+    planner: within 10% for every run."""
+    data = json.loads((Path(__file__).parent.parent / "reports/quantize-memory.json").read_text())
+    assert {r["method"] for r in data["runs"]} == {"rtn", "gptq", "awq"}
+    for run in data["runs"]:
+        job = Job(method="quantize", ptq=run["method"], seq=run["seqlen"] or 512, nsamples=run["nsamples"] or 128, ptq_device="cpu",
+                  calib_bytes=run["calib_bytes"])
+        error = estimate(resolve_model(run["model"]), job).host_bytes / run["peak_rss_bytes"] - 1
+        assert abs(error) < 0.10, f"{run['method']} {run['nsamples']} x {run['seqlen']}: predicted {error:+.1%} off the measured peak RSS"
+
+
 @pytest.mark.parametrize("job", [
     Job(method="inference", batch=2, seq=32, gen=4),
     Job(method="inference", batch=1, seq=16, gen=2, quant="nf4"),

@@ -64,6 +64,7 @@ def markdown(data: dict, plot: str) -> str:
         lines += ["", f"At the budget halfway between the uniform 3- and 4-bit peaks ({mid['budget_bytes'] / 2**20:.1f} MiB): "
                   f"geometric mean of the uniform 3- and 4-bit perplexities {mid['geomean_ppl']:.2f}; "
                   + "; ".join(f"{k} {v:.2f}" for k, v in mid["fit_ppl"].items()) + f"; uniform 4-bit {mid['ppl4']:.2f}."]
+    lines += [""] + [f"- {note}" for note in data.get("notes", [])] if data.get("notes") else []
     return "\n".join(lines) + "\n"
 
 
