@@ -155,3 +155,18 @@ def test_stored_bytes_match_the_packed_tensors():
         assert gptq_layout.cannot_hold(bits, out_f, in_f) is None
         tensors = gptq_layout.pack(bits, "m", qw)
         assert sum(t.numel() * t.element_size() for t in tensors.values()) == gptq_layout.stored_bytes(bits, out_f, in_f, group)
+
+
+def test_neighbours_narrows_each_linear_to_the_two_widths_around_the_budget():
+    from quantool.fit import neighbours
+
+    def opts(size: int, widths=(2, 3, 4, 8)) -> list:
+        return [(b, Option(size * b, 1.0 / b)) for b in widths]
+
+    options = {"a": opts(10), "b": opts(20), "c": opts(30, widths=(8,))}  # c holds only 8 bits
+    uniform = {b: 10 * b + 20 * b + 240 for b in (2, 3, 4, 8)}
+    kept = lambda room: {n: sorted(b for b, _ in o) for n, o in neighbours(options, (2, 3, 4, 8), room).items()}
+    assert kept(uniform[3] + 5) == {"a": [3, 4], "b": [3, 4], "c": [8]}
+    assert kept(uniform[4]) == {"a": [4, 8], "b": [4, 8], "c": [8]}
+    assert kept(uniform[8] + 100) == {"a": [8], "b": [8], "c": [8]}
+    assert kept(uniform[2] - 1) == {"a": [2, 3], "b": [2, 3], "c": [8]}  # nothing fits: the allocation will say so

@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--text", type=Path, default=ROOT / "../shared/data/wikitext2_raw_test.txt")
     ap.add_argument("--bits", default="2,3,4,8")
     ap.add_argument("--sensitivity", default="gptq,rtn", help="sensitivity measures to sweep")
+    ap.add_argument("--mix", default="neighbours", choices=("neighbours", "all"), help="quantool fit --mix")
     ap.add_argument("--fractions", default="0.5", help="budgets between consecutive uniform peaks, as fractions of the step")
     ap.add_argument("--fine", default="3,4:0.25,0.75", help="more fractions between one pair of widths (LO,HI:F,...)")
     ap.add_argument("--job", default="--batch 1 --seq 2048 --gen 256")
@@ -155,14 +156,15 @@ def main() -> None:
                       for lo, hi in itertools.pairwise(bits) for f in fractions(lo, hi)})
     for sensitivity in args.sensitivity.split(","):
         cache = args.work / f"sensitivities-{sensitivity}.json"
+        strategy = f"fit ({sensitivity}{', all widths' if args.mix == 'all' else ''})"
         for budget in budgets:
-            if (f"fit ({sensitivity})", budget, None) in done:
+            if (strategy, budget, None) in done:
                 continue
-            out = args.work / f"fit-{sensitivity}-{budget}"
-            summary_file = args.work / f"fit-{sensitivity}-{budget}.json"
-            cmd = ["quantool", "fit", str(args.model), "-o", str(out), "--budget", str(budget), "--bits", args.bits,
+            out = args.work / f"fit-{sensitivity}-{args.mix}-{budget}"
+            summary_file = args.work / f"{out.name}.json"
+            cmd = ["quantool", "fit", str(args.model), "-o", str(out), "--budget", str(budget), "--bits", args.bits, "--mix", args.mix,
                    "--sensitivity", sensitivity, "--sensitivities", str(cache), *job, *common, "--json"]
-            res_row = run(f"fit ({sensitivity})", ["sh", "-c", " ".join(cmd) + f" > {summary_file}"], out, budget_bytes=budget)
+            res_row = run(strategy, ["sh", "-c", " ".join(cmd) + f" > {summary_file}"], out, budget_bytes=budget)
             summary = json.loads(summary_file.read_text())
             res_row.update(avg_bits=summary["avg_bits"], widths=summary["widths"], fit_planned_peak_bytes=summary["peak_bytes"],
                            written_peak_bytes=summary["written_peak_bytes"], linear_bytes=summary["linear_bytes"])

@@ -40,6 +40,9 @@ class FitConfig:
     sensitivity: str = opt("gptq", "How each linear's loss at a width is measured: gptq (the error left after GPTQ, through its "
                            "Hessian) or rtn (rounding's error through the same Hessian; no GPTQ solve).", choices=("gptq", "rtn"))
     quantizer: str = opt("gptq", "How the chosen widths are applied: gptq or rtn.", choices=("gptq", "rtn"))
+    mix: str = opt("neighbours", "Which candidate widths a linear may take: neighbours (the widest width that fits for every "
+                   "linear and the next wider one) or all (docs/fit.md: all let the choice trade 2- for 8-bit linears, "
+                   "and lost).", choices=("neighbours", "all"))
     sensitivities: str | None = opt(None, "JSON file: reused when it holds sensitivities measured with these settings, else "
                                     "written (a budget sweep measures once).", type=str)
 
@@ -65,17 +68,31 @@ def _options(units: dict[str, dict], candidates: tuple[int, ...], group: int, la
     return out
 
 
+def neighbours(options: dict[str, list[tuple[int, Option]]], candidates: tuple[int, ...], room: int) -> dict[str, list[tuple[int, Option]]]:
+    """Each linear's options narrowed to two widths: the widest candidate that fits `room` bytes on every linear, and the
+    next wider one (a linear that holds neither keeps its own)."""
+    def uniform(b: int) -> int:
+        return sum(next((o.bytes for w, o in opts if w == b), min(o.bytes for _, o in opts)) for opts in options.values())
+
+    widths = sorted(candidates)
+    fitting = [b for b in widths if uniform(b) <= room]
+    low = fitting[-1] if fitting else widths[0]
+    keep = {low, *widths[widths.index(low) + 1:][:1]}
+    return {n: [(b, o) for b, o in opts if b in keep] or opts for n, opts in options.items()}
+
+
 def choose(shape: ModelShape, job: Job, units: dict[str, dict], kv_errors: dict[str, float], fcfg: FitConfig, group: int,
            budget: int) -> dict:
     """The widths (and KV dtype) of least summed loss whose planned peak fits `budget`; raises when none does."""
-    options = _options(units, fcfg.candidates, group, LAYOUTS["gptq"])
-    names = list(options)
+    every = _options(units, fcfg.candidates, group, LAYOUTS["gptq"])
+    names = list(every)
     kv_choices = [None, "fp8"] if fcfg.kv_dtype == "auto" else [fcfg.kv_dtype]
     best: dict | None = None
     smallest = None
     for kv in kv_choices:
         j = replace(job, kv_dtype=kv)
         fixed = estimate(replace(shape, quantized_linear_bytes=1), j).peak_bytes - 1  # the peak is affine in the linears' bytes
+        options = every if fcfg.mix == "all" else neighbours(every, fcfg.candidates, budget - fixed)
         picked = allocate([[o for _, o in options[n]] for n in names], budget - fixed)
         least = fixed + sum(min(o.bytes for _, o in options[n]) for n in names)
         smallest = least if smallest is None else min(smallest, least)
