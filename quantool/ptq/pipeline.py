@@ -185,7 +185,7 @@ def quantize_layers(source: ModelSource, work: Path, cfg: PTQConfig, device: tor
 
 
 def quantize_and_refine(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: dict, specs: dict, cfg: PTQConfig,
-             device: torch.device, seed: int) -> tuple[dict, LayerReport, torch.Tensor]:
+                        device: torch.device, seed: int) -> tuple[dict, LayerReport, torch.Tensor]:
     """The method, then --refine's reconstruction against the full-precision layer's outputs on the same inputs.
     The next layer's inputs: the refined layer's outputs, except for AWQ, which passes full-precision ones on."""
     target = None if cfg.method == "awq" else run_layer(layer, x, kwargs, device, cfg.chunk_tokens)
