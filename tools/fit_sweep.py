@@ -44,7 +44,8 @@ def markdown(data: dict, plot: str) -> str:
              f"Measured {data['date']} on {m['cpus']} CPU cores (no GPU), Python {m['python']}, torch {m['torch']}, "
              f"transformers {m['transformers']}. Regenerate with `{data['command']}`.", "",
              f"Job: `{' '.join(data['job'])}` (inference; the planned peak counts the weights as stored, the KV cache and "
-             f"the activations). Every checkpoint is GPTQ g{data['group_size']} (symmetric, quantool's defaults), calibrated "
+             f"the activations). Every checkpoint is GPTQ with --group-size {data['group_size']} (the largest power of two up to "
+             f"it that divides every width: 64 on SmolLM2; symmetric, quantool's defaults), calibrated "
              f"on {data['nsamples']} x {data['seqlen']} tokens from the first half of {data['text']}; perplexity at "
              f"context {data['ctx']} on the first {data['max_tokens']} tokens of the second half. Planned peak: "
              f"`quantool memory --model CHECKPOINT` for the job, which reads the written checkpoint's tensor sizes. "
