@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,10 +31,34 @@ from peer_benchmark import evaluate, split_text
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def autoscheme_child(args: argparse.Namespace) -> None:
+    """Runs inside AutoRound's Python: AutoScheme picks a width per linear for an average bit budget (W2/W3/W4/W8 A16,
+    the same candidates), on exactly quantool's calibration windows; then plain rounding (iters 0), GPTQ v1 output."""
+    import torch
+    from auto_round import AutoRound, AutoScheme
+    from auto_round.schemes import QuantizationScheme
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantool import text
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    windows = text.windows(text.tokenize(tok, text.read_text(str(args.calib))), args.nsamples, args.seqlen, 0)
+    data = args.out.with_name(args.out.name + ".calib.json")  # AutoScheme reads text from a file: these windows, decoded
+    data.write_text(json.dumps([tok.decode(w) for w in windows]))
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    options = [QuantizationScheme.from_dict({"bits": int(b), "sym": True, "group_size": args.autoscheme_group, "data_type": "int",
+                                             "act_bits": 16}) for b in args.bits.split(",")]
+    scheme = AutoScheme(avg_bits=args.avg_bits, options=options, dataset=str(data), nsamples=len(windows), seqlen=args.seqlen,
+                        ignore_scale_zp_bits=True)  # average bits of the weights alone, as fit's avg_bits
+    ar = AutoRound(model, tok, scheme=scheme, iters=0, dataset=str(data), nsamples=len(windows), seqlen=args.seqlen, device_map="cpu")
+    export = args.out.with_name(args.out.name + ".autoround")
+    ar.quantize_and_save(str(export), format="auto_gptq")
+    next(p for p in export.iterdir() if (p / "config.json").exists()).rename(args.out)
+    shutil.rmtree(export)
+
+
 def planned_peak(folder: Path, job: list[str]) -> int:
     """`quantool memory --model FOLDER` for the job: the peak a written checkpoint plans."""
-    import subprocess
-
     out = subprocess.run(["quantool", "memory", "--model", str(folder), *job, "--json"], capture_output=True, text=True, check=True)
     return int(json.loads(out.stdout)["peak_bytes"])
 
@@ -106,7 +131,17 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantool-fit"))
     ap.add_argument("-o", "--out", type=Path, default=ROOT / "reports/smollm2-fit.json")
+    ap.add_argument("--autoscheme-python", default=None, help="a Python with auto-round installed: AutoScheme at the average "
+                    "bits fit chose at the 3/4-bit halfway budget")
+    ap.add_argument("--autoscheme-child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--calib", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--avg-bits", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--autoscheme-group", type=int, default=64, help="AutoScheme's group size (quantool's on the model: 64 on SmolLM2)")
     args = ap.parse_args()
+    if args.autoscheme_child:
+        args.out = args.autoscheme_child
+        autoscheme_child(args)
+        return
     import torch
     import transformers
 
@@ -125,10 +160,10 @@ def main() -> None:
         data["fp16_ppl"] = evaluate(args.model, evaluation, args.ctx, args.max_tokens)
     done = {(r["strategy"], r.get("budget_bytes"), r.get("bits")) for r in data["runs"]}
 
-    def run(strategy: str, cmd: list[str], out: Path, **row: object) -> dict:
+    def run(strategy: str, cmd: list[str], out: Path, env: dict | None = None, **row: object) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # a run cut short earlier
-        res = measure(cmd, args.work / f"{out.name}.log")
+        res = measure(cmd, args.work / f"{out.name}.log", env)
         if res["exit"]:
             sys.exit(f"{' '.join(cmd)} failed: see {args.work / out.name}.log")
         result = {"strategy": strategy, **row, "peak_bytes": planned_peak(out, job), "ppl": evaluate(out, evaluation, args.ctx, args.max_tokens),
@@ -174,6 +209,17 @@ def main() -> None:
         half = int((uniform[3]["peak_bytes"] + uniform[4]["peak_bytes"]) / 2)
         data["halfway"] = {"budget_bytes": half, "geomean_ppl": math.sqrt(uniform[3]["ppl"] * uniform[4]["ppl"]), "ppl4": uniform[4]["ppl"],
                            "fit_ppl": {r["strategy"]: r["ppl"] for r in data["runs"] if r.get("budget_bytes") == half}}
+        ours = next((r for r in data["runs"] if r["strategy"] == f"fit ({args.sensitivity.split(',')[0]})" and r.get("budget_bytes") == half), None)
+        if args.autoscheme_python and ours and not any(r["strategy"].startswith("AutoScheme") for r in data["runs"]):
+            version = subprocess.run([args.autoscheme_python, "-c", "import importlib.metadata as m; print(m.version('auto-round'))"],
+                                     capture_output=True, text=True, check=True).stdout.strip()
+            out = args.work / "autoscheme"
+            cmd = [args.autoscheme_python, str(Path(__file__).resolve()), "--model", str(args.model), "--autoscheme-child", str(out),
+                   "--calib", str(calib), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--bits", args.bits,
+                   "--avg-bits", str(ours["avg_bits"]), "--autoscheme-group", str(args.autoscheme_group)]
+            row = run(f"AutoScheme (auto-round {version})", cmd, out, avg_bits=ours["avg_bits"], env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            row["widths"] = {}
+            args.out.write_text(json.dumps(data, indent=2) + "\n")
     png = args.out.with_name(args.out.stem + "-ppl-peak.png")
     plot(data, png)
     args.out.write_text(json.dumps(data, indent=2) + "\n")
