@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from child_rusage import measure
-from peer_benchmark import evaluate, split_text
+from peer_benchmark import calibration_windows, evaluate, save_autoround, split_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,10 +39,8 @@ def autoscheme_child(args: argparse.Namespace) -> None:
     from auto_round.schemes import QuantizationScheme
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantool import text
-
     tok = AutoTokenizer.from_pretrained(args.model)
-    windows = text.windows(text.tokenize(tok, text.read_text(str(args.calib))), args.nsamples, args.seqlen, 0)
+    windows = calibration_windows(tok, args.calib, args.nsamples, args.seqlen, 0)
     data = args.out.with_name(args.out.name + ".calib.json")  # AutoScheme reads text from a file: these windows, decoded
     data.write_text(json.dumps([tok.decode(w) for w in windows]))
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -51,10 +49,7 @@ def autoscheme_child(args: argparse.Namespace) -> None:
     scheme = AutoScheme(avg_bits=args.avg_bits, options=options, dataset=str(data), nsamples=len(windows), seqlen=args.seqlen,
                         ignore_scale_zp_bits=True)  # average bits of the weights alone, as fit's avg_bits
     ar = AutoRound(model, tok, scheme=scheme, iters=0, dataset=str(data), nsamples=len(windows), seqlen=args.seqlen, device_map="cpu")
-    export = args.out.with_name(args.out.name + ".autoround")
-    ar.quantize_and_save(str(export), format="auto_gptq")
-    next(p for p in export.iterdir() if (p / "config.json").exists()).rename(args.out)
-    shutil.rmtree(export)
+    save_autoround(ar, args.out)
 
 
 def planned_peak(folder: Path, job: list[str]) -> int:

@@ -49,18 +49,30 @@ def split_text(path: Path, work: Path) -> tuple[Path, Path]:
     return calib, evaluation
 
 
+def calibration_windows(tok, calib: Path, nsamples: int, seqlen: int, seed: int) -> list:
+    """The calibration windows of the text exactly as quantool draws them (`quantool.text.windows`), for any tool."""
+    from quantool import text
+
+    return text.windows(text.tokenize(tok, text.read_text(str(calib))), nsamples, seqlen, seed)
+
+
+def save_autoround(ar, out: Path) -> None:
+    """AutoRound's GPTQ v1 export at `out` (it saves into a folder it names inside the one it is given)."""
+    export = out.with_name(out.name + ".autoround")
+    ar.quantize_and_save(str(export), format="auto_gptq")
+    next(p for p in export.iterdir() if (p / "config.json").exists()).rename(out)
+    shutil.rmtree(export)
+
+
 def peer_child(args) -> None:
     """Runs inside the peer's Python: GPT-QModel quantizes on windows drawn exactly as quantool draws them."""
     from gptqmodel import GPTQModel
     from gptqmodel.quantization.config import AWQConfig, GPTQConfig
     from transformers import AutoTokenizer
 
-    from quantool import text
-
     method, bits, group = CONFIGS[args.config]
     tok = AutoTokenizer.from_pretrained(args.model)
-    ids = text.tokenize(tok, text.read_text(str(args.calib)))
-    windows = text.windows(ids, args.nsamples, args.seqlen, args.seed)
+    windows = calibration_windows(tok, args.calib, args.nsamples, args.seqlen, args.seed)
     data = [{"input_ids": w.tolist(), "attention_mask": [1] * w.numel()} for w in windows]
     kind = GPTQConfig if method == "gptq" else AWQConfig
     qcfg = kind(bits=bits, group_size=group, sym=method == "gptq", desc_act=False) if method == "gptq" else \
@@ -76,18 +88,13 @@ def autoround_child(args) -> None:
     from auto_round import AutoRound
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantool import text
-
     _, bits, group = CONFIGS[args.config]
     tok = AutoTokenizer.from_pretrained(args.model)
-    windows = text.windows(text.tokenize(tok, text.read_text(str(args.calib))), args.nsamples, args.seqlen, args.seed)
+    windows = calibration_windows(tok, args.calib, args.nsamples, args.seqlen, args.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     ar = AutoRound(model, tok, bits=bits, group_size=group, sym=True, iters=args.iters, nsamples=len(windows), seqlen=args.seqlen,
                    dataset=[w[None] for w in windows], seed=args.seed, device_map="cpu")
-    export = args.out.with_name(args.out.name + ".autoround")  # AutoRound saves into a folder it names inside this one
-    ar.quantize_and_save(str(export), format="auto_gptq")
-    next(p for p in export.iterdir() if (p / "config.json").exists()).rename(args.out)
-    shutil.rmtree(export)
+    save_autoround(ar, args.out)
 
 
 def quantool_cmd(args, name: str, calib: Path, out: Path) -> list[str]:

@@ -22,9 +22,9 @@ from quantool.formats import LAYOUTS
 from quantool.model.experts import eager_experts
 from quantool.model.layerwise import run_layer
 from quantool.model.source import ModelSource, open_weights
-from quantool.model.structure import decoder_layers, map_layer
+from quantool.model.structure import decoder_layers
 from quantool.ptq.config import PTQConfig
-from quantool.ptq.pipeline import capture_calibration, quantization_group, quantize_and_refine
+from quantool.ptq.pipeline import capture_calibration, layer_map, quantization_group, quantize_and_refine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def main() -> None:
         if i < args.layer:
             x = run_layer(layers[i], x, kwargs, device, cfg.chunk_tokens)
     layer = layers[args.layer]
-    lmap = map_layer(layer, (x[:1],), kwargs)
+    lmap = layer_map(layer, x, kwargs, cfg, device, {})
     group = quantization_group(layers, cfg, LAYOUTS["gptq"])
     fp = copy.deepcopy(layer.state_dict())
     for setting in args.settings:

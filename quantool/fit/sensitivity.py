@@ -22,11 +22,11 @@ from transformers import DynamicCache
 from quantool.device import default_dtype
 from quantool.formats import LAYOUTS
 from quantool.model.experts import eager_experts, record_expert_inputs
-from quantool.model.layerwise import cache_kwarg, collect_inputs, run_layer, to_device
+from quantool.model.layerwise import cache_kwarg, collect_inputs, run_layer
 from quantool.model.source import ModelSource, open_weights
-from quantool.model.structure import LayerMap, decoder_layers, layer_kind, map_layer
+from quantool.model.structure import LayerMap, decoder_layers
 from quantool.ptq.config import PTQConfig
-from quantool.ptq.pipeline import capture_calibration, quantization_group
+from quantool.ptq.pipeline import capture_calibration, layer_map, quantization_group
 from quantool.quant.gptq import CholeskyError, Hessian, gptq_quantize
 from quantool.quant.quantizer import QuantizedWeight, QuantSpec
 from quantool.util.atomic import write_json
@@ -129,11 +129,7 @@ def measure(source: ModelSource, cfg: PTQConfig, candidates: tuple[int, ...], me
 
     for i, layer in enumerate(layers):
         weights.load(layer, f"{prefix}.{i}.")
-        kw = to_device(kwargs, device)
-        key = layer_kind(layer)
-        if key not in maps:
-            maps[key] = map_layer(layer, (x[:1].to(device),), kw, probe_pairs=False)
-        lmap = maps[key]
+        lmap = layer_map(layer, x, kwargs, cfg, device, maps)  # cfg is GPTQ's: no pairs probed
         units = {n: lmap.unit(layer, n) for n in lmap.linears}
         hessians = _hessians(layer, lmap, units, x, kwargs, device, cfg.chunk_tokens)
         for members in lmap.groups:

@@ -129,7 +129,7 @@ def quantize_layers(source: ModelSource, work: Path, cfg: PTQConfig, device: tor
         t0 = time.perf_counter()
         layer = layers[i]
         weights.load(layer, f"{prefix}.{i}.")
-        lmap = _map(layer, *(probe or (x, kwargs)), cfg, device, maps)
+        lmap = layer_map(layer, *(probe or (x, kwargs)), cfg, device, maps)
         specs = {n: cfg.spec_for(f"{prefix}.{i}.{n}").with_group(group) for n in lmap.linears}
         if cfg.refine:
             assert x is not None and kwargs is not None  # a refined run is calibrated
@@ -219,8 +219,8 @@ def capture_calibration(source: ModelSource, model: torch.nn.Module, prefix: str
     return x, kwargs, calib
 
 
-def _map(layer: torch.nn.Module, x: torch.Tensor | None, kwargs: dict | None, cfg: PTQConfig, device: torch.device,
-         maps: dict[str, LayerMap]) -> LayerMap:
+def layer_map(layer: torch.nn.Module, x: torch.Tensor | None, kwargs: dict | None, cfg: PTQConfig, device: torch.device,
+              maps: dict[str, LayerMap]) -> LayerMap:
     """The layer's structure, probed with one real input, once per kind of layer (its class, linears and fused
     parameters), so models whose layers differ (dense then MoE, interleaved) are mapped per kind. RTN of a dense
     layer needs only its linears."""
