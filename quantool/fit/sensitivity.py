@@ -21,13 +21,14 @@ from transformers import DynamicCache
 
 from quantool.device import default_dtype
 from quantool.formats import LAYOUTS
-from quantool.model.experts import eager_experts, record_expert_inputs
-from quantool.model.layerwise import cache_kwarg, collect_inputs, run_layer
+from quantool.model.experts import eager_experts
+from quantool.model.layerwise import cache_kwarg, run_layer
 from quantool.model.source import ModelSource, open_weights
 from quantool.model.structure import LayerMap, decoder_layers
 from quantool.ptq.config import PTQConfig
+from quantool.ptq.gptq import collect_hessians
 from quantool.ptq.pipeline import capture_calibration, layer_map, quantization_group
-from quantool.quant.gptq import CholeskyError, Hessian, gptq_quantize
+from quantool.quant.gptq import CholeskyError, gptq_quantize
 from quantool.quant.quantizer import QuantizedWeight, QuantSpec
 from quantool.util.atomic import write_json
 
@@ -90,21 +91,6 @@ def _unit_errors(w: torch.Tensor, hessian: torch.Tensor, specs: dict[int, QuantS
     return errors
 
 
-def _hessians(layer: torch.nn.Module, lmap: LayerMap, units: dict[str, Any], x: torch.Tensor, kwargs: dict, device: torch.device,
-              chunk_tokens: int) -> dict[str, Hessian]:
-    """GPTQ's Hessian of each group of linears that share an input (one per group), over the layer's inputs x."""
-    hessians = {g[0]: Hessian(units[g[0]].in_features, device) for g in lmap.groups}
-    modules = {n: layer.get_submodule(n) for n in hessians if lmap.expert_of(n) is None}
-    experts = set(hessians) - set(modules)
-
-    def add(name: str, inp: torch.Tensor) -> None:
-        hessians[name].add(inp)
-
-    around = (lambda: record_expert_inputs(layer, lmap.experts, experts, add)) if experts else None
-    collect_inputs(layer, x, kwargs, device, modules, add, chunk_tokens, around=around)
-    return hessians
-
-
 def measure(source: ModelSource, cfg: PTQConfig, candidates: tuple[int, ...], method: str, device: torch.device,
             on_layer: Callable[[int, int], None] = lambda i, n: None, log: Callable[[str], None] = print) -> Sensitivities:
     """Errors of every decoder linear (and expert matrix) at every candidate width, and the KV cache's at fp8."""
@@ -131,7 +117,7 @@ def measure(source: ModelSource, cfg: PTQConfig, candidates: tuple[int, ...], me
         weights.load(layer, f"{prefix}.{i}.")
         lmap = layer_map(layer, x, kwargs, cfg, device, maps)  # cfg is GPTQ's: no pairs probed
         units = {n: lmap.unit(layer, n) for n in lmap.linears}
-        hessians = _hessians(layer, lmap, units, x, kwargs, device, cfg.chunk_tokens)
+        hessians = collect_hessians(layer, lmap, lmap.groups, x, kwargs, device, cfg.chunk_tokens)
         for members in lmap.groups:
             h = hessians[members[0]].H
             for name in members:

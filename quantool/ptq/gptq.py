@@ -11,7 +11,6 @@ received fewer tokens than `--expert-token-ratio` times its input width is round
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -57,9 +56,20 @@ def _batches(stage: list[list[str]], widths: dict[str, int], budget: int) -> lis
     return batches
 
 
-def _accumulate(hessians: dict[str, Hessian]) -> Callable[[str, torch.Tensor], None]:
-    """on_input(name, x) adding x to its group's Hessian."""
-    return lambda name, inp: hessians[name].add(inp)
+def collect_hessians(layer: nn.Module, lmap: LayerMap, groups: list[list[str]], x: torch.Tensor, kwargs: dict, device: torch.device,
+                     tokens: int, start: tuple[nn.Module, list] | None = None) -> dict[str, Hessian]:
+    """GPTQ's Hessian of each group of linears sharing an input (keyed by its first), from one pass over the layer's
+    inputs x (from `start`'s recorded calls, when given); an expert's from the tokens its router sends it."""
+    hessians = {g[0]: Hessian(lmap.unit(layer, g[0]).in_features, device) for g in groups}
+    modules = {n: layer.get_submodule(n) for n in hessians if lmap.expert_of(n) is None}
+    experts = set(hessians) - set(modules)
+
+    def add(name: str, inp: torch.Tensor) -> None:
+        hessians[name].add(inp)
+
+    around = (lambda: record_expert_inputs(layer, lmap.experts, experts, add)) if experts else None
+    collect_inputs(layer, x, kwargs, device, modules, add, tokens, start=start, around=around)
+    return hessians
 
 
 def quantize_layer(layer: nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: dict, specs: dict[str, QuantSpec], cfg: PTQConfig,
@@ -77,17 +87,11 @@ def quantize_layer(layer: nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: di
         entry = _next_entry(lmap, stage, stages[k + 1] if k + 1 < len(stages) else None)
         stage_start = start
         for b, batch in enumerate(_batches(stage, {n: u.in_features for n, u in units.items()}, cfg.expert_batch_bytes)):
-            hessians = {group[0]: Hessian(units[group[0]].in_features, device) for group in batch}
-            modules = {n: layer.get_submodule(n) for n in hessians if lmap.expert_of(n) is None}
-            wanted = set(hessians) - set(modules)
-            add = _accumulate(hessians)
-            around = (lambda w=wanted, add=add: record_expert_inputs(layer, lmap.experts, w, add)) if wanted else None
             calls: dict = {}
             finished = [] if stage_start else [m for m in _finished_children(layer, lmap, results) if m not in memo]
             with record_call(layer.get_submodule(entry), calls, "cpu") if entry and b == 0 else nullcontext(), \
                     record_outputs(finished, memo):
-                collect_inputs(layer, x, kwargs, device, modules, add, cfg.chunk_tokens,
-                               start=stage_start, around=around)
+                hessians = collect_hessians(layer, lmap, batch, x, kwargs, device, cfg.chunk_tokens, start=stage_start)
             if b == 0:
                 start = (layer.get_submodule(entry), calls["calls"]) if calls.get("calls") else None
             for group in batch:
