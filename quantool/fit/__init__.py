@@ -122,7 +122,7 @@ def fit(model_path: str, out: str | Path | None, fcfg: FitConfig, job: Job, ptq:
         log: Callable[[str], None] = print) -> dict:
     """Measure, choose and (unless `out` is None: a dry run) write the checkpoint; returns the summary."""
     from quantool.device import resolve_device
-    from quantool.fit.sensitivity import Sensitivities, measure
+    from quantool.fit.sensitivity import Sensitivities, measure, measured_with
     from quantool.model.source import ModelSource
 
     if job.method not in (Method.INFERENCE, Method.LORA):
@@ -142,8 +142,7 @@ def fit(model_path: str, out: str | Path | None, fcfg: FitConfig, job: Job, ptq:
         replace(ptq, bits=bits).validate()
     source = ModelSource(model_path)
     shape = resolve_model(str(source.folder))
-    settings = {"candidates": list(fcfg.candidates), "method": fcfg.sensitivity, "group_size": ptq.group_size, "sym": ptq.sym,
-                "nsamples": ptq.nsamples, "seqlen": ptq.seqlen, "calib": ptq.calib, "seed": ptq.seed}
+    settings = measured_with(ptq, fcfg.candidates, fcfg.sensitivity)
     path = Path(fcfg.sensitivities) if fcfg.sensitivities else None
     sens = Sensitivities.load(path) if path and path.exists() else None
     if sens is not None and {k: sens.settings.get(k) for k in settings} != settings:

@@ -91,6 +91,12 @@ def _unit_errors(w: torch.Tensor, hessian: torch.Tensor, specs: dict[int, QuantS
     return errors
 
 
+def measured_with(cfg: PTQConfig, candidates: tuple[int, ...], method: str) -> dict:
+    """The settings a measurement depends on: a saved one is reused only where they are the same."""
+    return {"candidates": list(candidates), "method": method, "group_size": cfg.group_size, "sym": cfg.sym, "nsamples": cfg.nsamples,
+            "seqlen": cfg.seqlen, "calib": cfg.calib, "seed": cfg.seed}
+
+
 def measure(source: ModelSource, cfg: PTQConfig, candidates: tuple[int, ...], method: str, device: torch.device,
             on_layer: Callable[[int, int], None] = lambda i, n: None, log: Callable[[str], None] = print) -> Sensitivities:
     """Errors of every decoder linear (and expert matrix) at every candidate width, and the KV cache's at fp8."""
@@ -99,9 +105,7 @@ def measure(source: ModelSource, cfg: PTQConfig, candidates: tuple[int, ...], me
     eager_experts(model)
     prefix, layers = decoder_layers(model)
     x, kwargs, calib = capture_calibration(source, model, prefix, layers, weights, cfg, device, log)
-    result = Sensitivities({"candidates": list(candidates), "method": method, "group_size": cfg.group_size, "sym": cfg.sym,
-                            "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "calib": cfg.calib, "seed": cfg.seed},
-                           calibration=calib)
+    result = Sensitivities(measured_with(cfg, candidates, method), calibration=calib)
     kv = {name: 0.0 for name in KV_DTYPES}
     group = quantization_group(layers, cfg, LAYOUTS[cfg.format])
     specs = {b: replace(cfg.spec(), bits=b).with_group(group) for b in candidates}
