@@ -15,6 +15,7 @@ from quantool.cli.common import console, err, log_line, step_progress
 from quantool.cli.options import config_options
 from quantool.errors import QuantoolError
 from quantool.fit import FitConfig
+from quantool.formats.rules import split_at_layer
 from quantool.memory.job import Job
 from quantool.ptq.config import PTQConfig
 from quantool.util.units import fmt_bytes
@@ -68,19 +69,10 @@ def fit(model: str, out: str | None, dry_run: bool, overwrite: bool, resume: boo
     _print(summary, out)
 
 
-def _layer_of(name: str) -> str:
-    """The decoder layer part of a linear's name: model.layers.3.mlp.down_proj -> model.layers.3."""
-    parts = name.split(".")
-    for k, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[:k + 1])
-    return name
-
-
 def _print(summary: dict, out: str | None) -> None:
     per_layer: dict[str, list[int]] = defaultdict(list)
     for name, bits in summary["bits"].items():
-        per_layer[_layer_of(name)].append(bits)
+        per_layer[split_at_layer(name)[0] or name].append(bits)
     table = Table(title="bits per decoder layer (one entry per linear, in module order)", title_justify="left")
     table.add_column("layer")
     table.add_column("bits")

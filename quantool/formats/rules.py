@@ -53,16 +53,17 @@ def resolve(rules: dict[str, dict] | None, name: str) -> dict | None:
     return {}
 
 
-def _within_block(name: str) -> str:
-    """A module's name inside its decoder layer: the part after the first numeric segment."""
+def split_at_layer(name: str) -> tuple[str, str]:
+    """(its decoder layer, the name inside it), cut after the first numeric segment: model.layers.3.mlp.down_proj ->
+    (model.layers.3, mlp.down_proj); ('', name) for a name with none."""
     parts = name.split(".")
     start = next((i + 1 for i, p in enumerate(parts) if p.isdigit()), 0)
-    return ".".join(parts[start:])
+    return ".".join(parts[:start]), ".".join(parts[start:])
 
 
 def block_kinds(quantized: list[str], kept: list[str]) -> list[str]:
     """The kinds of module (names inside a layer) to quantize in every block, where each kind is quantized in
     every layer or in none; [] where that does not hold."""
-    on = {_within_block(n) for n in quantized}
-    off = {_within_block(n) for n in kept}
+    on = {split_at_layer(n)[1] for n in quantized}
+    off = {split_at_layer(n)[1] for n in kept}
     return sorted(on) if not on & off else []

@@ -27,6 +27,7 @@ from quantool.device import default_dtype, resolve_device
 from quantool.errors import QuantoolError
 from quantool.formats import LAYOUTS, Layout, LayoutConfig, ModuleQuant, model_group
 from quantool.formats.checkpoint import checkpoint_tensors, finalize
+from quantool.formats.rules import split_at_layer
 from quantool.formats.shards import ShardedWriter
 from quantool.model.experts import eager_experts, fused_params
 from quantool.model.layerwise import capture_inputs, run_layer, to_device
@@ -257,9 +258,7 @@ def quantization_group(layers: torch.nn.ModuleList, cfg: PTQConfig, layout: Layo
 
 def _kind(name: str) -> str:
     """A module's name within its layer, numbers (expert indices) left open: mlp.experts.*.down_proj."""
-    parts = name.split(".")
-    start = next((i + 1 for i, p in enumerate(parts) if p.isdigit()), 0)
-    return ".".join("*" if p.isdigit() else p for p in parts[start:])
+    return ".".join("*" if p.isdigit() else p for p in split_at_layer(name)[1].split("."))
 
 
 def _notes(progress: dict, cfg: PTQConfig, group: int) -> list[str]:
