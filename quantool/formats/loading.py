@@ -116,7 +116,7 @@ def _attach_quantized(model: Any, path: Path, dtype: torch.dtype) -> None:
             model.set_submodule(module, QuantLinear(w.q, w.scale, w.zero, w.g_idx, w.bias, bits, dtype))
             swapped.add(module)
     inside = lambda key: key.rpartition(".")[0] in swapped
-    state = keymap.materialize([t for t in keymap.sources if not inside(t)], lambda keys: tensors)
+    state = keymap.materialize([t for t in keymap.sources if not inside(t)], lambda keys: {k: tensors[k] for k in keys})
     for param, experts in per_expert.items():
         spec = ExpertParam(**{**fused[param], "param": "p", "size": tuple(fused[param]["size"]), "stride": tuple(fused[param]["stride"])})
         holder = nn.Module()

@@ -60,22 +60,32 @@ class KeyMap:
         order = converter.source_patterns if converter is not None else list(sources)
         return [sources[p] for p in order if p in sources]
 
-    def materialize(self, targets: list[str], read: Callable[[list[str]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The parameters `targets`, built from their checkpoint tensors (`read(keys)`) by transformers' converters."""
-        tensors = read([k for t in targets for k in self.keys_of(t)])
+    def materialize(self, targets: list[str], read: Callable[[list[str]], dict[str, torch.Tensor]],
+                    cast: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, torch.Tensor]:
+        """The parameters `targets`, built one at a time from their checkpoint tensors (`read(keys)`, as stored) by
+        transformers' converters, then `cast` to the working dtype: a fused parameter (experts stored one tensor each)
+        is assembled as stored and cast once whole, so a layer's experts are never held in the wider dtype twice
+        (once apart, once stacked)."""
         out: dict[str, torch.Tensor] = {}
         for target in targets:
             if target in out:
                 continue
+            tensors = read(self.keys_of(target))
             template = self.converters.get(target)
             if template is None:
                 (key,) = self.keys_of(target)
-                out[target] = tensors[key]
+                out[target] = cast(tensors.pop(key))
                 continue
             converter = deepcopy(template)
             for pattern, keys in self.sources[target].items():
                 for key in keys:
-                    converter.add_tensor(target, key, pattern, lambda t=tensors[key]: t)
+                    tensor = tensors.pop(key)  # held by the converter alone, so it is freed once converted
+                    converter.add_tensor(target, key, pattern, lambda t=tensor: t)
+                    del tensor
             produced = converter.convert(target, model=self.model, config=getattr(self.model, "config", None))
-            out.update({name: value[0] if isinstance(value, list) else value for name, value in produced.items()})
+            del converter
+            while produced:
+                name, value = produced.popitem()
+                out[name] = cast(value[0] if isinstance(value, list) else value)
+                del value
         return {t: out[t] for t in targets}

@@ -193,8 +193,8 @@ class StreamedWeights:
         if absent:
             raise QuantoolError(f"{self.source.folder} holds no tensor for {prefix}{absent[0]} (and {len(absent) - 1} more) "
                                 f"that config.json implies: the weights and the config do not match")
-        stored = self.keymap.materialize([f"{prefix}{k}" for k in present],
-                                         lambda names: self.source.read(names, self.dtype, self.device))
+        stored = self.keymap.materialize([f"{prefix}{k}" for k in present], lambda names: self.source.read(names),
+                                         lambda t: t.to(self.device, self.dtype if t.is_floating_point() else t.dtype))
         for k in present:
             t = stored[f"{prefix}{k}"]
             if t.shape != expected[k].shape:
