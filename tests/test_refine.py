@@ -11,7 +11,7 @@ from torch import nn
 from quantool.cli import main
 from quantool.model.structure import LayerMap
 from quantool.ptq.layer_report import LayerReport
-from quantool.ptq.refine import refine_layer
+from quantool.ptq.refine import RefineSettings, refine_layer
 from quantool.quant.gptq import Hessian, gptq_quantize
 from quantool.quant.quantizer import QuantizedWeight, QuantSpec
 from quantool.quant.rounding import LearnedRounding
@@ -28,7 +28,8 @@ def _gptq_weight(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> Quantized
 @pytest.mark.parametrize("sym", [True, False])
 def test_learned_rounding_starts_at_the_methods_codes(method, sym):
     torch.manual_seed(0)
-    w = torch.randn(24, 96)
+    w = torch.randn(24, 96).clamp(-0.8, 0.8) * (torch.arange(24)[:, None] % 2 * 2 - 1)
+    w[:, ::32] = 0.875  # each group's largest weight at +-3.5 scales of 0.25 exactly: a tie, as fp16 checkpoints give
     spec = QuantSpec(bits=3, group_size=32, sym=sym, min_zero=1)
     qw = QuantizedWeight.from_rtn(w, spec) if method == "rtn" else _gptq_weight(w, torch.randn(200, 96), spec)
     r = LearnedRounding(w, qw, spec.maxq)
@@ -82,11 +83,12 @@ def _rounded_block(seed: int, samples: int, bits: int):
     return block, x, target, lmap, spec, rounded, quantized
 
 
-def test_refine_lowers_the_blocks_error_against_a_plain_reference():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_refine_lowers_the_blocks_error_against_a_plain_reference(bf16):
     block, x, target, lmap, spec, rounded, quantized = _rounded_block(seed=0, samples=16, bits=2)
     before = _plain_error(block, {n: q.dequantize() for n, q in quantized.items()}, x, target)
     report = LayerReport()
-    y = refine_layer(block, lmap, x, {}, target, quantized, rounded, dict.fromkeys(lmap.linears, spec), steps=60, batch=4, seed=0,
+    y = refine_layer(block, lmap, x, {}, target, quantized, rounded, dict.fromkeys(lmap.linears, spec), RefineSettings(60, 4, bf16=bf16), seed=0,
                      device=torch.device("cpu"), tokens=4096, report=report)
     after = _plain_error(block, {n: q.dequantize() for n, q in quantized.items()}, x, target)
     assert report.refine["kept"] and after < 0.9 * before, (before, after)
@@ -117,22 +119,66 @@ def test_refined_checkpoint_loads_and_generates(tiny_llama, tmp_path, story_text
     assert out.shape[1] == ids.shape[1] + 8
 
 
+def _harmful(self, lr):
+    """Every code a step up: the error can only grow."""
+    self.v.data.fill_(0.5)
+    self.v.grad = self.m.grad = None
+
+
+def test_refine_keeps_the_best_step(monkeypatch):
+    """Steps that only raise the batch loss are dropped: the rounding of the best step (here the start) is kept."""
+    block, x, target, lmap, spec, rounded, quantized = _rounded_block(seed=1, samples=8, bits=4)
+    original = {n: q.q.clone() for n, q in quantized.items()}
+    monkeypatch.setattr(LearnedRounding, "sign_step", _harmful)
+    report = LayerReport()
+    refine_layer(block, lmap, x, {}, target, quantized, rounded, dict.fromkeys(lmap.linears, spec), RefineSettings(3, 4), seed=0,
+                 device=torch.device("cpu"), tokens=4096, report=report)
+    assert report.refine["error_after"] == pytest.approx(report.refine["error_before"], rel=1e-5)
+    assert all(torch.equal(quantized[n].q, original[n]) for n in lmap.linears)
+
+
 def test_refine_keeps_the_methods_codes_when_it_does_not_help(monkeypatch):
     """Refined codes that raise the error over all windows are dropped: the method's codes, weights and outputs stay."""
     block, x, target, lmap, spec, rounded, quantized = _rounded_block(seed=1, samples=8, bits=4)
     original = {n: q.q.clone() for n, q in quantized.items()}
     with torch.no_grad():
         expected = block(x)
-
-    def harmful(self, lr):  # every code a step up: the error can only grow
-        self.v.data.fill_(0.5)
-        self.v.grad = self.m.grad = None
-
-    monkeypatch.setattr(LearnedRounding, "sign_step", harmful)
+    monkeypatch.setattr(LearnedRounding, "sign_step", _harmful)
+    monkeypatch.setattr(LearnedRounding, "restore", lambda self, state: None)  # the harmful last step stays
     report = LayerReport()
-    y = refine_layer(block, lmap, x, {}, target, quantized, rounded, dict.fromkeys(lmap.linears, spec), steps=2, batch=4, seed=0,
+    y = refine_layer(block, lmap, x, {}, target, quantized, rounded, dict.fromkeys(lmap.linears, spec), RefineSettings(2, 4), seed=0,
                      device=torch.device("cpu"), tokens=4096, report=report)
     assert not report.refine["kept"] and report.refine["error_after"] > report.refine["error_before"]
     assert all(torch.equal(quantized[n].q, original[n]) for n in lmap.linears)
     assert all(torch.equal(block.get_submodule(n).weight.data, quantized[n].dequantize()) for n in lmap.linears)
     assert torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("target", ["model", "layer"])
+def test_refine_target(target):
+    """The model target is the full-precision layer's output on the full-precision model's hidden states (passed on as
+    the next layer's), the layer target its output on the quantized stream; the refined layer runs the quantized one."""
+    from quantool.ptq.config import PTQConfig
+    from quantool.ptq.pipeline import quantize_and_refine
+
+    torch.manual_seed(0)
+    block = _Block(64, 128)
+    x_fp = torch.randn(8, 8, 64)
+    x = x_fp + 0.3 * torch.randn_like(x_fp)  # the quantized stream, off the full-precision one
+    with torch.no_grad():
+        on_fp, on_x = block(x_fp), block(x)
+    lmap = LayerMap(linears=["gate", "up", "down"], groups=[["gate", "up"], ["down"]])
+    cfg = PTQConfig(method="rtn", bits=3, group_size=32, refine=4, refine_batch=4, refine_target=target).validate()
+    specs = dict.fromkeys(lmap.linears, cfg.spec().with_group(32))
+    quantized, report, y, y_fp = quantize_and_refine(block, lmap, x, {}, specs, cfg, torch.device("cpu"), 0,
+                                                     x_fp if cfg.model_targets else None)
+    assert cfg.model_targets == (target == "model")
+    wanted = on_fp if target == "model" else on_x
+    with torch.no_grad():
+        rounded_out = _Block(64, 128)
+        rounded_out.load_state_dict(block.state_dict())
+        for n, qw in quantized.items():
+            rounded_out.get_submodule(n).weight.copy_(qw.dequantize())
+        assert torch.allclose(y, rounded_out(x), atol=1e-5)
+    assert report.refine["error_after"] == pytest.approx(float((y - wanted).square().mean()), rel=1e-4)
+    assert (y_fp is None) if target == "layer" else torch.equal(y_fp, on_fp)

@@ -10,6 +10,7 @@
 #   bash tools/gpu_evidence.sh memory    # the 25-job suite + generate with a real KV cache -> $OUT/memory_h100_suite.json
 #   bash tools/gpu_evidence.sh gptq      # GPTQ time on the 7B shape: act-order, g128, 128 x 2048 tokens
 #   bash tools/gpu_evidence.sh decode    # decode speed, batch 1 and 8: bf16 vs 4-bit GPTQ/AWQ (tinygemm) vs int8/NF4
+#   bash tools/gpu_evidence.sh refine    # --refine 50 on 4 layers of the 7B shape: seconds per layer, GPU and host peaks
 #   bash tools/gpu_evidence.sh tests     # the whole suite, CUDA-only tests included (-rs lists what skipped)
 # Outputs land in $OUT (the device tool brings them back), or ./gpu-evidence elsewhere. Commit them under
 # reports/ and tests/data/ with the GPU, driver and versions that env.txt records.
@@ -28,9 +29,9 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || exp
   python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" || true; } > "$OUT/env.txt"
 Q="python3 -m quantool"
 MODEL=/tmp/llama7b
-model() { [ -d $MODEL ] || python3 tools/make_random_llama.py $MODEL --layers 32 --tokenizer .gpu/tokenizer; }
+model() { [ -d $MODEL ] || python3 tools/make_random_model.py $MODEL --layers 32 --tokenizer .gpu/tokenizer; }
 
-case "${1:?stage: memory, gptq, decode or tests}" in
+case "${1:?stage: memory, gptq, decode, refine or tests}" in
   memory)
     python3 tools/measure_memory.py --device cuda -o "$OUT/memory_h100_suite.json"
     python3 tools/measure_memory.py --table "$OUT/memory_h100_suite.json" > "$OUT/memory_h100_suite.md" ;;
@@ -46,8 +47,16 @@ case "${1:?stage: memory, gptq, decode or tests}" in
     $Q bench $MODEL /tmp/gptq-w4g128 /tmp/awq-w4g128 /tmp/int8 /tmp/nf4 --no-ppl --speed --batch-sizes 1,8 \
       --kernel auto -o "$OUT/decode-7b.json"
     $Q report "$OUT/decode-7b.json" -o "$OUT/decode-7b.md" ;;
+  refine)
+    [ -d /tmp/llama7b-4 ] || python3 tools/make_random_model.py /tmp/llama7b-4 --layers 4 --tokenizer .gpu/tokenizer
+    peak="import atexit, runpy, sys, torch; atexit.register(lambda: print('GPU peak bytes', torch.cuda.max_memory_allocated(),
+      file=sys.stderr)); sys.argv[0] = 'quantool'; runpy.run_module('quantool', run_name='__main__')"
+    for dtype in --no-refine-bf16 --refine-bf16; do
+      /usr/bin/time -v python3 -c "$peak" rtn /tmp/llama7b-4 -o /tmp/rtn-refine --refine 50 $dtype --group-size 128 \
+        --nsamples 128 --seqlen 512 --calib .gpu/calib.txt --overwrite --json > "$OUT/refine7b$dtype.json" 2> "$OUT/refine7b$dtype.time"
+    done ;;
   tests)
     set -o pipefail
     python3 -m pytest -q -rs tests 2>&1 | tee "$OUT/pytest.txt" ;;
-  *) echo "unknown stage $1: memory, gptq, decode or tests" >&2; exit 2 ;;
+  *) echo "unknown stage $1: memory, gptq, decode, refine or tests" >&2; exit 2 ;;
 esac

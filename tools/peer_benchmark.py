@@ -132,7 +132,7 @@ def markdown(data: dict) -> str:
              f"Wall time and peak RSS "
              f"(wait4's ru_maxrss) are of each quantization process, from this one run.", "",
              f"fp16: ppl {base:.2f}. Recovered = the share of RTN's perplexity increase that the method removes.", "",
-             "| checkpoint | tool | ppl | Δppl vs fp16 | recovered | wall time | peak RSS | time quantool/this | RSS quantool/this |",
+             "| checkpoint | tool | ppl | Δppl vs fp16 | recovered | wall time | peak RSS | time quantool's best/this | RSS quantool's best/this |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in data["runs"]:
         if r.get("error"):
@@ -140,11 +140,13 @@ def markdown(data: dict) -> str:
             continue
         rtn = next((x["ppl"] for x in data["runs"] if x["tool"] == "quantool" and x["label"] == r["rtn_label"]), None)
         rec = "" if rtn is None or r["label"] == r["rtn_label"] else f"{(rtn - r['ppl']) / (rtn - base):.0%}"
-        ours = next((x for x in data["runs"] if x["label"] == r["label"] and x["tool"] == "quantool" and not x.get("error")), None)
-        ratios = ("| – | –" if ours is None or r["tool"] == "quantool" else
+        ours = min((x for x in data["runs"] if x["label"].split()[-2:] == r["label"].split()[-2:] and x["tool"] == "quantool"
+                    and x["label"] != x["rtn_label"] and not x.get("error")), key=lambda x: x["ppl"], default=None)
+        ratios = ("| – | –" if ours is None or r["tool"].startswith("quantool") else
                   f"| {ours['seconds'] / r['seconds']:.2f} | {ours['peak_rss_bytes'] / r['peak_rss_bytes']:.2f}")
         lines.append(f"| {r['label']} | {r['tool']} | {r['ppl']:.2f} | {r['ppl'] - base:+.2f} | {rec} | {r['seconds']:.0f} s "
                      f"| {r['peak_rss_bytes'] / 2**30:.2f} GiB {ratios} |")
+    lines += [""] + [f"- {note}" for note in data["notes"]] if data.get("notes") else []
     errors = [r for r in data["runs"] if r.get("error")]
     if errors:
         lines += ["", "Runs that did not produce a checkpoint:", ""]
@@ -158,6 +160,8 @@ def main() -> None:
     ap.add_argument("--text", type=Path, default=ROOT / "../shared/data/wikitext2_raw_test.txt")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--quantool-args", default="", help="extra options for quantool's GPTQ/AWQ runs, e.g. --quantool-args=--no-mse")
+    ap.add_argument("--refine", default="", help="comma-separated METHOD:STEPS: one more quantool row each, that method "
+                    "with --refine STEPS on the same windows (issue 23), e.g. --refine rtn:50,gptq:50")
     ap.add_argument("--peer-python", default=None, help="a Python with gptqmodel installed (omit: quantool only)")
     ap.add_argument("--autoround-python", default=None, help="a Python with auto-round installed (omit: no AutoRound rows)")
     ap.add_argument("--autoround-iters", default="50,200", help="AutoRound's iterations per block, one run each (50: its light "
@@ -169,11 +173,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32768)
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantool-peer"))
     ap.add_argument("-o", "--out", type=Path, default=ROOT / "reports/smollm2-peer.json")
+    ap.add_argument("--table", action="store_true", help="only write the Markdown of --out's runs (and its notes) again")
     ap.add_argument("--peer-child", help=argparse.SUPPRESS)
     ap.add_argument("--autoround-child", help=argparse.SUPPRESS)
     ap.add_argument("--iters", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--calib", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.table:
+        args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.read_text())))
+        return
     if args.peer_child or args.autoround_child:
         args.config, args.out = args.peer_child or args.autoround_child, Path(args.out)
         (peer_child if args.peer_child else autoround_child)(args)
@@ -210,6 +218,11 @@ def main() -> None:
             jobs.append(("quantool", rtn_label, rtn_cmd, None))
         out = args.work / f"quantool-{name}"
         jobs.append(("quantool", label, quantool_cmd(args, name, calib, out), None))
+        for setting in filter(None, args.refine.split(",")):
+            m, steps = setting.split(":")
+            refined = quantool_cmd(args, name, calib, out.with_name(f"quantool-{m}-refine{steps}-{name}"))
+            refined[1] = m
+            jobs.append(("quantool", f"{m} + refine {steps} w{bits} g{group}", [*refined, "--refine", steps], None))
         if args.peer_python:
             peer_cmd = [args.peer_python, str(Path(__file__).resolve()), "--model", str(args.model), "--peer-child", name, "--calib", str(calib),
                         "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),

@@ -20,7 +20,7 @@ from quantool.memory.job import Job
 from quantool.ptq.config import PTQConfig
 from quantool.util.units import fmt_bytes
 
-JOB_SKIP = ("quant", "kv_dtype", "ptq", "nsamples", "ptq_device", "calib_bytes", "compute_capability")
+JOB_SKIP = ("quant", "kv_dtype", "ptq", "nsamples", "refine", "refine_batch", "ptq_device", "calib_bytes", "compute_capability")
 PTQ_SKIP = ("method", "bits", "duo_scaling", "clip", "awq_search_tokens")
 
 

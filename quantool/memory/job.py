@@ -82,6 +82,10 @@ class Job:
     zero: int = opt(0, "DeepSpeed ZeRO stage for data parallel training (0-3).")
     ptq: PTQMethod = opt(PTQMethod.GPTQ, "With --method quantize: which algorithm's job.", choices=PTQMethod)
     nsamples: int = opt(128, "With --method quantize: calibration windows of --seq tokens.")
+    refine: int = opt(0, "With --method quantize: --refine steps (0: none): plans the refine step's memory, a batch of "
+                      "--refine-batch windows through one layer with autograd, the learned rounding, and the full-precision "
+                      "model's hidden states (--refine-target model) beside the quantized ones.")
+    refine_batch: int = opt(8, "With --method quantize and --refine: windows per refine step.")
     ptq_device: PTQDevice = opt(PTQDevice.CUDA, "With --method quantize: quantize on the GPU, or entirely on the CPU "
                                  "(everything in host RAM).", choices=PTQDevice)
     calib_bytes: int | None = opt(None, "With --method quantize: size of the calibration text (default: the text "
@@ -140,11 +144,12 @@ class Job:
         return replace(self, **changes)
 
     def validate(self) -> Job:
-        for name, value in (("batch", self.batch), ("seq", self.seq), ("gpus", self.gpus), ("nsamples", self.nsamples)):
+        for name, value in (("batch", self.batch), ("seq", self.seq), ("gpus", self.gpus), ("nsamples", self.nsamples),
+                            ("refine-batch", self.refine_batch)):
             if value < 1:
                 raise QuantoolError(f"--{name} must be a positive integer, got {value}")
-        if self.gen < 0 or self.rank < 0:
-            raise QuantoolError("--gen and --lora-rank must not be negative")
+        if self.gen < 0 or self.rank < 0 or self.refine < 0:
+            raise QuantoolError("--gen, --lora-rank and --refine must not be negative")
         if self.kv_dtype is not None and self.kv_dtype not in DTYPE_BYTES:
             raise QuantoolError(f"unknown --kv-dtype {self.kv_dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
         if self.zero not in (0, 1, 2, 3):

@@ -253,13 +253,14 @@ def training(shape: ModelShape, job: Job, weights: dict[str, tuple[str, float]],
 def quantization(shape: ModelShape, job: Job) -> Peak:
     """quantool's own streamed RTN/GPTQ/AWQ job: one layer's weights and work at a time, on the GPU or the CPU."""
     on_cpu = job.ptq_device == PTQDevice.CPU
-    device, host, moment = quantization_memory(shape, job.ptq, job.nsamples, job.seq, on_cpu, job.calibration_bytes)
+    device, host, moment = quantization_memory(shape, job)
     comps = _Components()
     comps.update(device)
     if not on_cpu:
         comps.add("cublas", "cuBLAS workspace", cublas_workspace_bytes(job.compute_capability))
     where = "host RAM (--ptq-device cpu)" if on_cpu else "the GPU; calibration states and finished codes on the host"
-    calibration = "no calibration" if job.ptq == PTQMethod.RTN else f"{job.nsamples} calibration samples x {job.seq} tokens"
+    calibration = ("no calibration" if job.ptq == PTQMethod.RTN and not job.refine else f"{job.nsamples} calibration samples x "
+                   f"{job.seq} tokens" + (f", --refine {job.refine} in batches of {job.refine_batch} windows" if job.refine else ""))
     notes = [f"{str(job.ptq).upper()} job streamed layer by layer from safetensors: {calibration}; the peak does not grow "
              f"with depth; work on {where}",
              f"host peak while: {moment}",

@@ -13,14 +13,19 @@ Host moments (peak RSS):
 - quantizing one layer: its weights, the method's working memory (`layer_work`), the hidden states, the finished
   codes;
 - writing the tensors outside the layers (embedding, head, final norm): their pages and the tensors as stored;
+- refining one layer (--refine): a batch of windows through the layer with autograd (the tensors a full fine-tune
+  keeps for backward, `activations.Inventory`), the learned rounding of its linears, and the layer's target and
+  outputs on every window, with the full-precision model's hidden states beside the quantized ones (model target);
 always beside the Python/torch/transformers runtime with the model's skeleton, and the tokenizer.
-Device (GPU runs): the layer's weights and the method's work; the hidden states stay on the host.
+Device (GPU runs): the layer's weights and the method's (or the refine step's) work; the hidden states stay on the host.
 """
 
 from __future__ import annotations
 
+from quantool.memory.activations import Inventory
+from quantool.memory.job import Job, Method, PTQDevice, WeightsDtype
 from quantool.memory.shapes import ModelShape
-from quantool.ptq.config import PTQConfig
+from quantool.ptq.config import PTQConfig, RefineTarget
 
 # Measured with VmRSS/VmHWM on 2 CPU cores, torch 2.13.0+cpu, transformers 5.24 (SmolLM2-135M and stories260K):
 RUNTIME_BYTES = 391 * 2**20  # imports, config and a model skeleton (all parameters on the meta device)
@@ -29,17 +34,23 @@ TOKENIZE_BYTES = 150  # transient per byte of calibration text: WikiText-2 test 
 _PTQ = PTQConfig()
 CHUNK_TOKENS = _PTQ.chunk_tokens  # tokens per layer forward call
 AWQ_SEARCH_TOKENS = _PTQ.awq_search_tokens
+EXPERT_BATCH_BYTES = _PTQ.expert_batch_bytes  # GPTQ: experts' Hessians held at once (more experts: more passes)
 AWQ_CLIP_COPIES = 7.2  # peak of search_clip + apply_clip in [out, in] fp32 copies, measured (VmHWM) on 4096 x 11008
 # beyond the weights themselves, measured (VmHWM) on Llama-2-7B shapes: RTN's codes and dequantized copy of one
 # 11008 x 4096 linear; GPTQ (quant.gptq) on the stacked q/k/v, gate/up and on down_proj: while factorizing, two
 # Hessian-sized copies and one of the weights, in the column loop one Hessian and 2.4 copies of the weights
 RTN_COPIES = 1.8
 GPTQ_COPIES = (1.0, 2.4)
+# --refine, per weight of the refined linears, counted from quant/rounding.py: the weight as rounded, its expanded zero,
+# v0, v, v's gradient and the best step's v (fp32 each), and what one forward's graph keeps for backward (the expanded
+# scale, codes - zero and the dequantized weight, fp32, and clamp's mask)
+REFINE_BYTES_PER_WEIGHT = 6 * 4 + 3 * 4 + 1
+MODEL_TARGETS = _PTQ.refine_target == RefineTarget.MODEL
 
 
-def calibration_tokens(ptq: str, nsamples: int, seq: int) -> int:
-    """Tokens the job keeps per layer: AWQ caps its windows at AWQ_SEARCH_TOKENS (whole windows)."""
-    if ptq == "rtn":
+def calibration_tokens(ptq: str, nsamples: int, seq: int, refine: bool = False) -> int:
+    """Tokens the job keeps per layer: none for RTN unrefined; AWQ caps its windows at AWQ_SEARCH_TOKENS (whole windows)."""
+    if ptq == "rtn" and not refine:
         return 0
     if ptq == "awq" and nsamples * seq > AWQ_SEARCH_TOKENS:
         nsamples = max(1, AWQ_SEARCH_TOKENS // seq)
@@ -68,6 +79,12 @@ def layer_work(shape: ModelShape, ptq: str, tokens: int, seq: int, dtype_bytes: 
                             "gptq.stacked": ("GPTQ: the stage's linears stacked (fp32)", w),
                             "gptq.work": ("GPTQ: working copies (Cholesky, column loop; measured)",
                                           max(2 * hess + GPTQ_COPIES[0] * w, hess + GPTQ_COPIES[1] * w))})
+        if shape.experts:  # a fused parameter's experts, each with its own Hessian (ptq.gptq._batches)
+            for width in sorted({i for i, _ in shape.mlp_linears(shape.expert_intermediate).values()}):
+                hess = 4 * width**2
+                batch = min(max(1, EXPERT_BATCH_BYTES // hess), shape.experts) * hess
+                moments.append({**forward, "gptq.expert_hessians": ("GPTQ: one batch of experts' Hessians (fp32, "
+                                                                    "--expert-batch-bytes)", batch)})
     elif ptq == "awq":
         # one input per group of linears sharing it (q/k/v, o, gate/up, down), recorded in fp32; and the inputs of each
         # searched block (attention, o_proj, the MLP, down_proj), recorded as called, to replay at every grid point
@@ -91,12 +108,26 @@ def _moment_bytes(moment: dict[str, tuple[str, float]]) -> float:
     return sum(v for _, v in moment.values())
 
 
-def host_moments(shape: ModelShape, ptq: str, nsamples: int, seq: int, calib_bytes: int, on_cpu: bool) -> dict[str, dict]:
+def refine_work(shape: ModelShape, batch: int, seq: int, dtype_bytes: int) -> dict[str, tuple[str, float]]:
+    """What one refine step adds beside the layer's weights: its learned rounding and the batch's saved activations.
+    Fused experts are not refined (`ptq.refine`), so a MoE layer refines its attention and shared experts."""
+    refined = shape.linear_params_per_layer()
+    if shape.experts:
+        refined = sum(i * o for i, o in shape.attention_linears().values()) + sum(
+            i * o for i, o in shape.mlp_linears(shape.shared_intermediate).values() if shape.shared_intermediate)
+    dtype = WeightsDtype.FP32 if dtype_bytes == 4 else WeightsDtype.BF16
+    per_token = Inventory(shape, Job(method=Method.FULL, batch=batch, seq=seq, weights_dtype=dtype)).layer
+    return {"refine.rounding": ("--refine: learned rounding of the layer's linears (counted)", REFINE_BYTES_PER_WEIGHT * refined),
+            "refine.activations": (f"--refine: what autograd keeps for {batch} windows through the layer", batch * seq * per_token)}
+
+
+def host_moments(shape: ModelShape, job: Job) -> dict[str, dict]:
     """Host RAM at each moment of the job: name -> components."""
-    tokens = calibration_tokens(ptq, nsamples, seq)
+    ptq, nsamples, seq, on_cpu = str(job.ptq), job.nsamples, job.seq, job.ptq_device == PTQDevice.CPU
+    tokens = calibration_tokens(ptq, nsamples, seq, job.refine > 0)
     compute = 4 if on_cpu else 2
     base = {"Python, torch, transformers and the model skeleton (measured)": RUNTIME_BYTES}
-    if ptq != "rtn":
+    if tokens:
         base["the tokenizer (measured per vocabulary entry)"] = TOKENIZER_BYTES_PER_TOKEN * shape.vocab
     states = {"calibration hidden states entering the layer": tokens * shape.hidden * compute} if tokens else {}
     layer_params = shape.linear_params_per_layer() + shape.small_params_per_layer()
@@ -112,22 +143,32 @@ def host_moments(shape: ModelShape, ptq: str, nsamples: int, seq: int, calib_byt
                "quantize one layer": {**base, **states, **weights, **work, **done}}
     outside = shape.embedding_params() + shape.lm_head_params() + shape.final_norm_params()
     moments["write the tensors outside the layers"] = {**base, "their shard pages and the tensors as stored": 2 * outside * shape.dtype_bytes}
-    if ptq != "rtn":
+    if job.refine:
+        streams = 3 if MODEL_TARGETS and ptq != "awq" else 2  # the target and the outputs (and the model's own states)
+        work = {label: nbytes for label, nbytes in refine_work(shape, job.refine_batch, seq, compute).values()} if on_cpu else {}
+        moments["refine one layer"] = {**base, **states, **weights, **work, "finished codes of the layer (uint8)": done[
+            "finished codes of the layer (uint8)"], "--refine: the layer's target and outputs on every window"
+            + (", the full-precision model's hidden states" if streams == 3 else ""): streams * tokens * shape.hidden * compute}
+    if tokens:
         embedding = shape.embedding_params()
         moments["tokenize the calibration text"] = {**base, "tokenizing the calibration text (transient, measured per byte)":
-                                                    TOKENIZE_BYTES * calib_bytes}
+                                                    TOKENIZE_BYTES * job.calibration_bytes}
         moments["capture the calibration states"] = {
             **base, "the embedding's shard pages and the tensor as stored": 2 * embedding * shape.dtype_bytes,
             "the embedding in the compute dtype": embedding * compute, **states}
     return moments
 
 
-def quantization_memory(shape: ModelShape, ptq: str, nsamples: int, seq: int, on_cpu: bool,
-                        calib_bytes: int = 0) -> tuple[dict[str, tuple[str, float]], dict[str, float], str]:
+def quantization_memory(shape: ModelShape, job: Job) -> tuple[dict[str, tuple[str, float]], dict[str, float], str]:
     """(device components id -> (label, bytes), host components label -> bytes, the host's peak moment): a CPU run
     keeps everything on the host."""
-    tokens = calibration_tokens(ptq, nsamples, seq)
-    moments = host_moments(shape, ptq, nsamples, seq, calib_bytes, on_cpu)
+    moments = host_moments(shape, job)
     moment = max(moments, key=lambda m: sum(moments[m].values()))
-    device = {} if on_cpu else layer_work(shape, ptq, tokens, seq, 2)
+    device: dict[str, tuple[str, float]] = {}
+    if job.ptq_device != PTQDevice.CPU:
+        ptq = str(job.ptq)
+        device = layer_work(shape, ptq, calibration_tokens(ptq, job.nsamples, job.seq, job.refine > 0), job.seq, 2)
+        if job.refine:
+            device = max(device, {"layer.weights": device["layer.weights"], **refine_work(shape, job.refine_batch, job.seq, 2)},
+                         key=_moment_bytes)
     return device, moments[moment], moment

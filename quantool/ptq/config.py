@@ -11,6 +11,7 @@ from quantool.errors import QuantoolError
 from quantool.util.config import Choice, opt
 
 if TYPE_CHECKING:
+    from quantool.ptq.refine import RefineSettings
     from quantool.quant.quantizer import QuantSpec
 
 
@@ -21,6 +22,11 @@ class Method(Choice):
     AWQ = "awq"
     INT8 = "int8"
     NF4 = "nf4"
+
+
+class RefineTarget(Choice):
+    MODEL = "model"
+    LAYER = "layer"
 
 
 class Order(Choice):
@@ -69,6 +75,14 @@ class PTQConfig:
     refine: int = opt(0, "Steps of block-wise reconstruction per decoder layer after the method (learned rounding and "
                       "scales, SignRound's loop; needs calibration, also for rtn). 0: off.")
     refine_batch: int = opt(8, "--refine: calibration windows per step.")
+    refine_target: RefineTarget = opt(RefineTarget.MODEL, "--refine: what a layer's output is trained to match: model (the "
+                                      "full-precision model's output of the layer, AutoRound's default: it also corrects the "
+                                      "error of the layers before; keeps a second stream of hidden states) or layer (the "
+                                      "full-precision layer's on the quantized inputs). AWQ passes full-precision inputs on, "
+                                      "so both are the same there.", choices=RefineTarget)
+    refine_bf16: bool = opt(False, "--refine: each step's forward and backward under bfloat16 autocast (faster on CPUs "
+                            "with AVX512-BF16 or AMX, and on GPUs); the codes kept are judged in full precision.",
+                            flag="--refine-bf16/--no-refine-bf16")
     refine_lr: float = opt(1.0, "--refine: learning rate as a multiple of SignRound's 1/N (decaying linearly to 0); lower "
                            "moves fewer codes (docs/quantization.md has the measurements).")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1 ...")
@@ -82,9 +96,20 @@ class PTQConfig:
         return self.method in CALIBRATED or (self.method in LAYERWISE and self.refine > 0)
 
     @property
+    def model_targets(self) -> bool:
+        """Whether the run carries the full-precision model's hidden states beside the quantized ones (--refine's
+        model target; AWQ's inputs already are the full-precision ones)."""
+        return self.refine > 0 and self.refine_target == RefineTarget.MODEL and self.method in (Method.RTN, Method.GPTQ)
+
+    @property
     def format(self) -> str:
         """The checkpoint layout: AWQ GEMM for 4-bit AWQ, GPTQ v1 otherwise."""
         return "awq" if self.method == "awq" and self.bits == 4 else "gptq"
+
+    def refine_settings(self) -> RefineSettings:
+        from quantool.ptq.refine import RefineSettings
+
+        return RefineSettings(self.refine, self.refine_batch, self.refine_lr, self.refine_bf16)
 
     def spec(self) -> QuantSpec:
         from quantool.formats import LAYOUTS
@@ -96,6 +121,7 @@ class PTQConfig:
     def __post_init__(self) -> None:
         self.method = Method.parse(self.method, "method")
         self.order = Order.parse(self.order, "--order")
+        self.refine_target = RefineTarget.parse(self.refine_target, "--refine-target")
 
     def validate(self) -> PTQConfig:
         if self.method in LAYERWISE:

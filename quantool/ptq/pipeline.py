@@ -115,14 +115,15 @@ def quantize_layers(source: ModelSource, work: Path, cfg: PTQConfig, device: tor
     before = progress["elapsed"]  # seconds spent by earlier, interrupted runs
     elapsed = lambda: before + time.perf_counter() - started
     first = progress["done"] + 1
-    x = kwargs = None
+    x = kwargs = x_fp = None  # x_fp: the full-precision model's hidden states (--refine's model target)
     probe = None  # RTN has no calibration states; MoE layers still need one real input to find their experts
     if cfg.calibrated and first < len(layers):
         if first == 0:
             x, kwargs, progress["calibration"] = capture_calibration(source, model, prefix, layers, weights, cfg, device, log)
-            torch_save((x, kwargs), work / "inputs-0000.pt")
+            x_fp = x if cfg.model_targets else None
+            torch_save((x, kwargs, x_fp), work / "inputs-0000.pt")
         else:
-            x, kwargs = torch.load(work / progress["inputs"])
+            x, kwargs, x_fp = torch.load(work / progress["inputs"])
     elif any(has_fused_params(layer) for layer in layers[first:]):
         probe = capture_calibration(source, model, prefix, layers, weights, replace(cfg, nsamples=1, seqlen=16, calib=None), device, log)[:2]
     maps: dict[str, LayerMap] = {}
@@ -134,7 +135,7 @@ def quantize_layers(source: ModelSource, work: Path, cfg: PTQConfig, device: tor
         specs = {n: cfg.spec_for(f"{prefix}.{i}.{n}").with_group(group) for n in lmap.linears}
         if cfg.refine:
             assert x is not None and kwargs is not None  # a refined run is calibrated
-            quantized, report, y = quantize_and_refine(layer, lmap, x, kwargs, specs, cfg, device, seed=cfg.seed + i)
+            quantized, report, y, x_fp = quantize_and_refine(layer, lmap, x, kwargs, specs, cfg, device, cfg.seed + i, x_fp)
         else:
             quantized, report, y = DRIVERS[cfg.method].quantize_layer(layer, lmap, x, kwargs, specs, cfg, device)
         plain, named, origin, experts = layer_outputs(layer, lmap, f"{prefix}.{i}.", quantized, weights)
@@ -152,7 +153,7 @@ def quantize_layers(source: ModelSource, work: Path, cfg: PTQConfig, device: tor
         progress["reports"].append(asdict(report))
         if y is not None:
             x, progress["inputs"] = y, f"inputs-{i + 1:04d}.pt"
-            torch_save((x, kwargs), work / progress["inputs"])
+            torch_save((x, kwargs, x_fp), work / progress["inputs"])
         progress.update(done=i, elapsed=elapsed())
         _commit(work, progress, writer, "layer.committed")
         if y is not None:
@@ -186,17 +187,19 @@ def quantize_layers(source: ModelSource, work: Path, cfg: PTQConfig, device: tor
 
 
 def quantize_and_refine(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: dict, specs: dict, cfg: PTQConfig,
-                        device: torch.device, seed: int) -> tuple[dict, LayerReport, torch.Tensor]:
-    """The method, then --refine's reconstruction against the full-precision layer's outputs on the same inputs.
-    The next layer's inputs: the refined layer's outputs, except for AWQ, which passes full-precision ones on."""
-    target = None if cfg.method == "awq" else run_layer(layer, x, kwargs, device, cfg.chunk_tokens)
+                        device: torch.device, seed: int, x_fp: torch.Tensor | None = None
+                        ) -> tuple[dict, LayerReport, torch.Tensor, torch.Tensor | None]:
+    """The method, then --refine's reconstruction against the full-precision layer's outputs on x_fp (the
+    full-precision model's hidden states) where given, else on x. Returns the quantized weights, the report, the next
+    layer's inputs (the refined layer's outputs, except for AWQ, which passes full-precision ones on) and x_fp's next."""
+    target = None if cfg.method == "awq" else run_layer(layer, x if x_fp is None else x_fp, kwargs, device, cfg.chunk_tokens)
     rounded: dict[str, torch.Tensor] = {}
     quantized, report, y = DRIVERS[cfg.method].quantize_layer(layer, lmap, x, kwargs, specs, cfg, device, rounded=rounded)
     target = y if target is None else target
     del y  # GPTQ's outputs are replaced by the refined layer's
-    refined_y = refine_layer(layer, lmap, x, kwargs, target, quantized, rounded, specs, cfg.refine, cfg.refine_batch, seed, device,
-                             cfg.chunk_tokens, report, lr=cfg.refine_lr)
-    return quantized, report, (target if cfg.method == "awq" else refined_y)
+    refined_y = refine_layer(layer, lmap, x, kwargs, target, quantized, rounded, specs, cfg.refine_settings(), seed, device,
+                             cfg.chunk_tokens, report)
+    return quantized, report, (target if cfg.method == "awq" else refined_y), (None if x_fp is None else target)
 
 
 def capture_calibration(source: ModelSource, model: torch.nn.Module, prefix: str, layers: torch.nn.ModuleList, weights: Any,

@@ -3,15 +3,18 @@
 
 Starting from the method's codes and scales (`quant.rounding.LearnedRounding`), N steps of signed gradient descent,
 each on a random batch of calibration windows, minimise the mean squared error between the layer's output with
-the learned rounding and the full-precision layer's output on the same inputs (the pipeline's inputs: the
-outputs of the already-quantized layers, or of the full-precision ones for AWQ). The learning rate decays
-linearly from lr/N (SignRound: lr = 1), so an offset can move at most about lr/2 over the run. The refined codes are kept only if
-they lower the error over all calibration windows; the layer report gives the error before and after.
+the learned rounding, on the pipeline's inputs (the outputs of the already-quantized layers), and the target the
+pipeline passes: the full-precision model's own output of this layer (AutoRound's default, so a layer also
+corrects the error of those before it) or the full-precision layer's on the same inputs. The learning rate decays
+linearly from lr/N (SignRound: lr = 1), so an offset can move at most about lr/2 over the run; the step with the
+lowest batch loss is kept (AutoRound's best-iteration choice). The refined codes are kept only if they lower the
+error over all calibration windows; the layer report gives the error before and after.
 Experts held in fused parameters keep the method's codes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +26,17 @@ from quantool.model.structure import LayerMap
 from quantool.ptq.layer_report import LayerReport, set_weight
 from quantool.quant.quantizer import QuantizedWeight, QuantSpec
 from quantool.quant.rounding import LearnedRounding
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """steps: SignRound's iterations per layer; batch: windows per step; lr: a multiple of SignRound's 1/steps; bf16:
+    each step's forward and backward under bfloat16 autocast (the codes kept are still judged in the layer's dtype)."""
+
+    steps: int
+    batch: int = 8
+    lr: float = 1.0
+    bf16: bool = False
 
 
 def output_error(layer: torch.nn.Module, x: torch.Tensor, kwargs: dict, target: torch.Tensor, device: torch.device,
@@ -46,8 +60,8 @@ def _refinable(layer: torch.nn.Module, lmap: LayerMap, quantized: dict[str, Quan
 
 
 def refine_layer(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: dict, target: torch.Tensor,
-                 quantized: dict[str, QuantizedWeight], rounded: dict[str, torch.Tensor], specs: dict[str, QuantSpec], steps: int,
-                 batch: int, seed: int, device: torch.device, tokens: int, report: LayerReport, lr: float = 1.0) -> torch.Tensor:
+                 quantized: dict[str, QuantizedWeight], rounded: dict[str, torch.Tensor], specs: dict[str, QuantSpec],
+                 settings: RefineSettings, seed: int, device: torch.device, tokens: int, report: LayerReport) -> torch.Tensor:
     """Refine the layer's quantized linears in place (`quantized` and the layer's weights); returns the layer's
     outputs on x with the codes kept. `rounded` holds the weights each method rounded (before rounding)."""
     names = _refinable(layer, lmap, quantized)
@@ -59,18 +73,26 @@ def refine_layer(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs
     gen = torch.Generator().manual_seed(seed)
     for p in layer.parameters():
         p.requires_grad_(False)
+    best_loss, best = float("inf"), {}
+    steps = settings.steps
     with torch.enable_grad():
         for step in range(steps):
-            pick = torch.randperm(x.shape[0], generator=gen)[:batch]
+            pick = torch.randperm(x.shape[0], generator=gen)[:settings.batch]
             weights: dict[str, Any] = {}
             for n, r in learners.items():
                 w = r()
                 weights[f"{n}.weight"] = (w.t() if transposed[n] else w).to(dtypes[n])
-            out = functional_call(layer, weights, (x[pick].to(device),), kw)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+                out = functional_call(layer, weights, (x[pick].to(device),), kw)
             out = out[0] if isinstance(out, tuple) else out
-            F.mse_loss(out.float(), target[pick].to(device).float()).backward()
+            loss = F.mse_loss(out.float(), target[pick].to(device).float())
+            if loss.item() < best_loss:  # the rounding this loss was computed with, before this step's update
+                best_loss, best = loss.item(), {n: r.snapshot() for n, r in learners.items()}
+            loss.backward()
             for r in learners.values():
-                r.sign_step(lr * (1 - step / steps) / steps)
+                r.sign_step(settings.lr * (1 - step / steps) / steps)
+    for n, r in learners.items():
+        r.restore(best[n])
     refined = {n: r.quantized() for n, r in learners.items()}
     del learners
     for n, qw in refined.items():

@@ -1,6 +1,6 @@
 """Learned rounding of one quantized linear, after SignRound (Cheng et al. 2023, arXiv 2309.05516, eq. 2-4).
 
-The codes are clamp(round(W / (s m) + v0 + v) + z, 0, maxq): v in [-0.5, 0.5] is a learned rounding offset per
+The codes are clamp(round(W / (s m) + v) + v0 + z, 0, maxq): v in [-0.5, 0.5] is a learned rounding offset per
 weight and m a learned multiplier of each group's scale, both trained by signed gradient descent through a
 straight-through round, so that a block's output matches the full-precision block's. It starts from a method's
 codes (RTN, GPTQ, AWQ): v0 = (q - z) - round(W / s), an integer, moves each weight to the method's code and keeps its
@@ -53,7 +53,9 @@ class LearnedRounding(nn.Module):
 
     def codes(self) -> torch.Tensor:
         s = self._scale(self.m)
-        return torch.clamp(round_ste(self.w / s + self.v0 + self.v) + self.zero, 0, self.maxq)
+        # v0 is added after rounding: inside, an integer shift would flip round-half-to-even at ties (a group's
+        # extreme weight sits at exactly +-maxq/2 steps in symmetric min-max RTN) and move that code by one
+        return torch.clamp(round_ste(self.w / s + self.v) + self.v0 + self.zero, 0, self.maxq)
 
     def forward(self) -> torch.Tensor:
         """The dequantized weight [out, in], differentiable in v and m."""
@@ -66,6 +68,15 @@ class LearnedRounding(nn.Module):
             if p.grad is not None:
                 p.sub_(lr * p.grad.sign()).clamp_(lo, hi)
                 p.grad = None
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned offsets and multipliers, copied (AutoRound keeps the best step's)."""
+        return self.v.detach().clone(), self.m.detach().clone()
+
+    @torch.no_grad()
+    def restore(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.v.copy_(state[0])
+        self.m.copy_(state[1])
 
     @torch.no_grad()
     def quantized(self) -> QuantizedWeight:
