@@ -91,8 +91,9 @@ def refine_layer(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs
             loss.backward()
             for r in learners.values():
                 r.sign_step(settings.lr * (1 - step / steps) / steps)
-    for n, r in learners.items():
-        r.restore(best[n])
+    for n, r in learners.items():  # none is best if every loss was NaN: the check below then keeps the method's codes
+        if best:
+            r.restore(best[n])
     refined = {n: r.quantized() for n, r in learners.items()}
     del learners
     for n, qw in refined.items():
