@@ -138,9 +138,9 @@ class ModelSource:
         except (OSError, ValueError, KeyError) as exc:
             raise QuantoolError(f"cannot load {self.folder} as a causal LM: {_first_line(exc)}") from None
 
-    def read(self, names: list[str], dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Tensors copied out of their shards (each opened once and closed after, so its pages are not kept
-        mapped), floating ones cast to dtype one at a time, so no second copy of the whole set is made."""
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Tensors copied out of their shards as stored, on the CPU (each shard opened once and closed after, so its
+        pages are not kept mapped); `KeyMap.materialize` casts them, one parameter at a time."""
         from safetensors import safe_open
 
         by_file = defaultdict(list)
@@ -150,8 +150,7 @@ class ModelSource:
         for f, group in by_file.items():
             with safe_open(str(f), framework="pt") as handle:
                 for name in group:
-                    t = handle.get_tensor(name)
-                    out[name] = t.to(device, dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
+                    out[name] = handle.get_tensor(name).clone()
         return out
 
 
