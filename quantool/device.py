@@ -38,6 +38,13 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def computes_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively here (faster than fp32): a CUDA GPU with bf16, or a CPU with bf16 units."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bf16()
+
+
 def speed_dtype(device: torch.device) -> torch.dtype:
     """The dtype a user would run a model in for speed: fp16 on CUDA; bf16 on a CPU with bf16 units, else fp32
     (fp16 matmuls on CPUs without fp16 units are emulated and slow, so no speed-up is measured against them)."""

@@ -39,6 +39,32 @@ def test_rtn_error_bounded_by_the_step(bits, sym):
     assert (err / step).mean() < 0.3
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_full_range_grid_matches_a_plain_reference(bits):
+    """Symmetric full range, per group in float64: step max|w| / 2^(bits-1), signed so that the largest |w| lands on
+    the lowest code exactly; every other weight rounds to nearest on codes 0..maxq around zero 2^(bits-1)."""
+    torch.manual_seed(bits)
+    w = torch.randn(16, 128)
+    w[0, 5], w[1, 70] = 6.0, -6.0  # one group led by a positive, one by a negative extreme
+    spec = QuantSpec(bits, 32, True, full_range=True)
+    q, scale, zero = quantize_groups(w, spec)
+    half = 2 ** (bits - 1)
+    assert torch.all(zero == half)
+    for g in range(4):
+        cols = w[:, 32 * g:32 * (g + 1)].double()
+        lead = cols.gather(1, cols.abs().argmax(dim=1, keepdim=True))[:, 0]  # the signed largest |w| of each row
+        s = -lead / half
+        assert torch.allclose(scale[g].double(), s, rtol=1e-3)  # stored in fp16
+        s = scale[g].double()
+        ref = torch.clamp(torch.round(cols / s[:, None]) + half, 0, spec.maxq)
+        assert torch.equal(q[:, 32 * g:32 * (g + 1)].double(), ref)
+        assert torch.all(ref.gather(1, cols.abs().argmax(dim=1, keepdim=True)) == 0)
+    assert scale[0, 0] < 0 and scale[2, 1] > 0
+    if bits <= 4:  # a finer step than the half-range grid's max|w| / (2^(bits-1) - 1/2): less error on Gaussian weights
+        half_range = rtn(w, replace(spec, full_range=False))
+        assert (rtn(w, spec) - w).square().mean() < (half_range - w).square().mean()
+
+
 @pytest.mark.parametrize("sym", [True, False])
 def test_mse_range_is_the_least_error_shrink(sym):
     """qparams with mse: per row, the shrink p in 1, 0.99, ..., 0.21 with the least sum |Q(w) - w|^2.4, found here
@@ -113,13 +139,14 @@ def group_aware_order(diag, g):
 
 @pytest.mark.parametrize("group,cols", [(-1, 64), (16, 64), (16, 56)], ids=["per-channel", "g16", "g16-partial"])
 @pytest.mark.parametrize("order", ["natural", "group"])
-def test_gptq_matches_float64_reference(group, cols, order):
+@pytest.mark.parametrize("full", [False, True], ids=["half-range", "full-range"])
+def test_gptq_matches_float64_reference(group, cols, order, full):
     torch.manual_seed(0)
     x = correlated_inputs(512, cols)
     W = torch.randn(24, cols)
     H = Hessian(cols)
     H.add(x)
-    spec = QuantSpec(4, group, True)
+    spec = QuantSpec(4, group, True, full_range=full)
     ours = gptq_quantize(W, H.H, spec, blocksize=32, order=order)
     ref_order = group_aware_order(torch.diag(H.H).tolist(), spec.group_size_for(cols)) if order == "group" else None
     ref = reference_gptq(W, H.H, spec, order=ref_order)
@@ -170,14 +197,15 @@ def test_quantize_groups_partial_last_group():
     assert torch.equal(rtn(w, spec), dequantize_groups(q, scale, zero, group_index(56, 16)))
 
 
-@pytest.mark.parametrize("bits,group,sym,mse", [(4, 32, True, False), (4, 16, False, False), (3, 32, False, True),
-                                                (4, -1, True, True), (8, 64, False, False)])
-def test_round_trip_equals_dequantized_codes(bits, group, sym, mse):
+@pytest.mark.parametrize("bits,group,sym,mse,full", [(4, 32, True, False, False), (4, 16, False, False, False),
+                                                     (3, 32, False, True, False), (4, -1, True, True, False),
+                                                     (8, 64, False, False, False), (3, 32, True, True, True)])
+def test_round_trip_equals_dequantized_codes(bits, group, sym, mse, full):
     """round_trip (QAT's and AWQ's fast path) gives bit for bit what the stored codes dequantize to, partial groups too."""
     torch.manual_seed(2)
     w = torch.randn(24, 100) * torch.rand(24, 1)
     w[3] = 0
-    spec = QuantSpec(bits, group, sym, mse=mse)
+    spec = QuantSpec(bits, group, sym, mse=mse, full_range=full)
     q, scale, zero = quantize_groups(w, spec)
     assert torch.equal(rtn(w, spec), dequantize_groups(q, scale, zero, group_index(100, spec.group_size_for(100))))
 
@@ -288,10 +316,12 @@ def test_awq_layout_interleaves():
     assert torch.equal(unpack_awq(pack_awq(c)), c)
 
 
-def test_tinygemm_kernel_matches_dequantized_matmul():
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32, False), QuantSpec(4, 32, True, full_range=True)], ids=["asym", "full-range"])
+def test_tinygemm_kernel_matches_dequantized_matmul(spec):
+    """Zero points, and the full range's negative scales, through the packed kernel as through the plain matmul."""
     torch.manual_seed(5)
     w = torch.randn(64, 128)
-    q, s, z = quantize_groups(w, QuantSpec(4, 32, False))
+    q, s, z = quantize_groups(w, spec)
     layer = QuantLinear(q, s, z, None, torch.randn(64), 4, dtype=torch.bfloat16)
     x = torch.randn(3, 5, 128, dtype=torch.bfloat16)
     ref = layer(x).float()

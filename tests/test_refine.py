@@ -46,6 +46,27 @@ def test_learned_rounding_starts_at_the_methods_codes(method, sym):
     assert torch.allclose(r(), r.quantized().dequantize(), rtol=0, atol=1e-6)  # what it trains is what it stores
 
 
+def test_contiguous_groups_fast_path_equals_the_gather():
+    """Groups in column order (the last one partial) repeat each scale instead of gathering it by g_idx: the same
+    weight forward and gradients of the offsets, the multipliers' up to float summation order."""
+    torch.manual_seed(4)
+    w = torch.randn(48, 100)
+    qw = QuantizedWeight.from_rtn(w, QuantSpec(bits=4, group_size=32, sym=True, full_range=True))
+    fast, plain = LearnedRounding(w, qw, 15), LearnedRounding(w, qw, 15)
+    plain.contiguous = False
+    assert fast.contiguous
+    grads = []
+    for r in (fast, plain):
+        r.v.data.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(1))
+        r.m.data.uniform_(0.8, 1.2, generator=torch.Generator().manual_seed(2))
+        out = r()
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), r.v.grad, r.m.grad))
+    (out, v, m), (out_ref, v_ref, m_ref) = grads
+    assert torch.equal(out, out_ref) and torch.equal(v, v_ref)
+    assert torch.allclose(m, m_ref, rtol=1e-6, atol=1e-6)  # sums over a group, in another order
+
+
 class _Block(nn.Module):
     """A gated MLP block with a residual, like a decoder layer's second half."""
 

@@ -41,12 +41,14 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--mse", action="store_true", help="least-error group ranges for every method (rtn's default is min-max)")
+    ap.add_argument("--half-range", action="store_true", help="the GPTQ reference's symmetric grid instead of the full range")
     ap.add_argument("settings", nargs="+", help="METHOD:STEPS[:LR[:TARGET[:DTYPE]]], e.g. rtn:50:1:model:bf16")
     args = ap.parse_args()
     first, last = (int(n) for n in (args.layers.split("-") * 2)[:2])
     device = torch.device("cpu")
     cfg = PTQConfig(method="gptq", bits=args.bits, group_size=args.group_size, calib=args.calib, nsamples=args.nsamples,
-                    seqlen=args.seqlen, device="cpu", mse=args.mse or None)
+                    seqlen=args.seqlen, device="cpu", mse=args.mse or None,
+                    full_range=not args.half_range)
     source = ModelSource(args.model)
     model, weights = open_weights(source, torch.float32, device, print)
     model.eval()

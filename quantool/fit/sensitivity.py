@@ -93,7 +93,8 @@ def _unit_errors(w: torch.Tensor, hessian: torch.Tensor, specs: dict[int, QuantS
 
 def measured_with(cfg: PTQConfig, candidates: tuple[int, ...], method: str) -> dict:
     """The settings a measurement depends on: a saved one is reused only where they are the same."""
-    return {"candidates": list(candidates), "method": method, "group_size": cfg.group_size, "sym": cfg.sym, "nsamples": cfg.nsamples,
+    return {"candidates": list(candidates), "method": method, "group_size": cfg.group_size, "sym": cfg.sym,
+            "full_range": cfg.full_range, "nsamples": cfg.nsamples,
             "seqlen": cfg.seqlen, "calib": cfg.calib, "seed": cfg.seed}
 
 

@@ -57,6 +57,10 @@ class PTQConfig:
     mse: bool | None = opt(None, "RTN/GPTQ: each group's range by least rounding error (|err|^2.4 over 80 shrink "
                            "steps, GPTQ reference's mse option) instead of min-max. Default: on for gptq, off for rtn "
                            "(RTN stays the plain min-max baseline).", flag="--mse/--no-mse")
+    full_range: bool = opt(True, "Symmetric groups on all 2^bits codes, the largest |w| on the extra negative one "
+                           "(llama.cpp's and AutoRound's grid), or --half-range: the GPTQ reference's, +-max|w| at "
+                           "+-(2^(bits-1) - 1/2) steps. Same checkpoint format (docs/quantization.md has the measurements).",
+                           flag="--full-range/--half-range")
     damp: float = opt(0.01, "GPTQ dampening, a fraction of the Hessian's mean diagonal, in (0, 1).")
     duo_scaling: bool = opt(False, "AWQ: scale by x^a / w^(1-a) instead of x^a.")
     clip: bool = opt(True, "AWQ: search a clipping range per group.", flag="--clip/--no-clip")
@@ -80,9 +84,10 @@ class PTQConfig:
                                       "error of the layers before; keeps a second stream of hidden states) or layer (the "
                                       "full-precision layer's on the quantized inputs). AWQ passes full-precision inputs on, "
                                       "so both are the same there.", choices=RefineTarget)
-    refine_bf16: bool = opt(False, "--refine: each step's forward and backward under bfloat16 autocast (faster on CPUs "
-                            "with AVX512-BF16 or AMX, and on GPUs); the codes kept are judged in full precision.",
-                            flag="--refine-bf16/--no-refine-bf16")
+    refine_bf16: bool | None = opt(None, "--refine: each step's forward and backward under bfloat16 autocast; the codes "
+                                   "kept are judged in full precision. Default: on where bf16 matmuls are native (GPUs "
+                                   "with bf16, CPUs with AVX512-BF16 or AMX): same errors, 1.5x faster per step on a CPU.",
+                                   flag="--refine-bf16/--no-refine-bf16")
     refine_lr: float = opt(1.0, "--refine: learning rate as a multiple of SignRound's 1/N (decaying linearly to 0); lower "
                            "moves fewer codes (docs/quantization.md has the measurements).")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1 ...")
@@ -109,14 +114,14 @@ class PTQConfig:
     def refine_settings(self) -> RefineSettings:
         from quantool.ptq.refine import RefineSettings
 
-        return RefineSettings(self.refine, self.refine_batch, self.refine_lr, self.refine_bf16)
+        return RefineSettings(self.refine, self.refine_batch, self.refine_lr, bool(self.refine_bf16))
 
     def spec(self) -> QuantSpec:
         from quantool.formats import LAYOUTS
 
         sym = self.sym and self.method != "awq"  # AWQ searches asymmetric (zero-point) groups, as llm-awq
         mse = self.method == "gptq" if self.mse is None else self.mse and self.method != "awq"
-        return replace(LAYOUTS[self.format].spec(self.bits, self.group_size, sym), mse=mse)
+        return replace(LAYOUTS[self.format].spec(self.bits, self.group_size, sym), mse=mse, full_range=self.full_range)
 
     def __post_init__(self) -> None:
         self.method = Method.parse(self.method, "method")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from quantool import __version__, text
-from quantool.device import default_dtype, resolve_device
+from quantool.device import computes_bf16, default_dtype, resolve_device
 from quantool.errors import QuantoolError
 from quantool.formats import LAYOUTS, Layout, LayoutConfig, ModuleQuant, model_group
 from quantool.formats.checkpoint import checkpoint_tensors, finalize
@@ -51,6 +51,8 @@ def quantize_model(model_path: str, out: str | Path, cfg: PTQConfig, overwrite: 
     cfg.validate()
     out = Path(out)
     device = resolve_device(cfg.device)
+    if cfg.refine_bf16 is None:  # resolved, so quantool.json records what ran
+        cfg.refine_bf16 = cfg.refine > 0 and computes_bf16(device)
     source = ModelSource(model_path)
     with _disk_errors(outdir.work_folder(out)):
         work, done = outdir.prepare(out, overwrite, resume)

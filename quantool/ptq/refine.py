@@ -73,7 +73,8 @@ def refine_layer(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs
     gen = torch.Generator().manual_seed(seed)
     for p in layer.parameters():
         p.requires_grad_(False)
-    best_loss, best = float("inf"), {}
+    # the best step's state, in buffers allocated once before the loop and copied into
+    best_loss, best = float("inf"), {n: r.snapshot() for n, r in learners.items()}
     steps = settings.steps
     with torch.enable_grad():
         for step in range(steps):
@@ -87,13 +88,14 @@ def refine_layer(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs
             out = out[0] if isinstance(out, tuple) else out
             loss = F.mse_loss(out.float(), target[pick].to(device).float())
             if loss.item() < best_loss:  # the rounding this loss was computed with, before this step's update
-                best_loss, best = loss.item(), {n: r.snapshot() for n, r in learners.items()}
+                best_loss = loss.item()
+                for n, r in learners.items():
+                    r.save(best[n])
             loss.backward()
             for r in learners.values():
                 r.sign_step(settings.lr * (1 - step / steps) / steps)
-    for n, r in learners.items():  # none is best if every loss was NaN: the check below then keeps the method's codes
-        if best:
-            r.restore(best[n])
+    for n, r in learners.items():  # if every loss was NaN, the start: the method's codes, which the check below keeps
+        r.restore(best[n])
     refined = {n: r.quantized() for n, r in learners.items()}
     del learners
     for n, qw in refined.items():

@@ -24,6 +24,7 @@ class QuantSpec:
     sym: bool = True
     min_zero: int = 0  # 1 for the GPTQ v1 layout, which stores zero - 1 and cannot hold zero = 0
     mse: bool = False  # shrink each group's range to the least rounding error instead of min-max (see qparams)
+    full_range: bool = False  # symmetric: all 2^bits codes, the largest |w| on the extra negative one (see _affine)
 
     @property
     def maxq(self) -> int:
@@ -97,7 +98,7 @@ def qparams(w: torch.Tensor, spec: QuantSpec, grid: int = 100, max_shrink: float
     (same grid, shrink and norm): at 3 bits and below a clipped outlier costs less than a coarse grid."""
     wmin = w.min(dim=1).values.clamp(max=0)
     wmax = w.max(dim=1).values.clamp(min=0)
-    if spec.sym:
+    if spec.sym and not spec.full_range:
         wmax = torch.maximum(wmin.abs(), wmax)
         wmin = -wmax
     dead = (wmin == 0) & (wmax == 0)
@@ -129,7 +130,15 @@ def _power(e: torch.Tensor, norm: float) -> torch.Tensor:
 
 
 def _affine(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero mapping [wmin, wmax] onto the codes 0..maxq (zero at mid-range when symmetric)."""
+    """Scale and zero mapping [wmin, wmax] onto the codes 0..maxq (zero at mid-range when symmetric).
+
+    Symmetric full range (llama.cpp's, AutoRound's `int_sym`): the codes reach one step further below zero than
+    above it, so the group's largest |w| takes that extra code, with a negative scale if it is positive: a step
+    of max|w| / 2^(bits-1) instead of max|w| / (2^(bits-1) - 1/2), 6 % finer at 4 bits, 12.5 % at 3."""
+    if spec.sym and spec.full_range:
+        half = (spec.maxq + 1) // 2
+        scale = torch.where(-wmin > wmax, -wmin, -wmax) / half
+        return scale, torch.full_like(scale, half)
     scale = (wmax - wmin) / spec.maxq
     zero = torch.full_like(scale, (spec.maxq + 1) // 2) if spec.sym else torch.round(-wmin / scale).clamp(spec.min_zero, spec.maxq)
     return scale, zero

@@ -40,26 +40,35 @@ class LearnedRounding(nn.Module):
         self.register_buffer("g_idx", qw.g_idx.long().to(device))
         self.register_buffer("scale0", qw.scale.float().to(device))  # [groups, out]
         self.register_buffer("zero", qw.zero.float().to(device)[self.g_idx].t())  # [out, in]
+        self.group = qw.group_size if qw.group_size > 0 else w.shape[1]
+        self.contiguous = torch.equal(qw.g_idx.long().cpu(), torch.arange(w.shape[1]) // self.group)  # else act-order's
         self.register_buffer("v0", qw.q.float().to(device) - self.zero - torch.round(self.w / self._scale(torch.ones_like(self.scale0))))
         self.v = nn.Parameter(torch.zeros_like(self.w))
         self.m = nn.Parameter(torch.ones_like(self.scale0))
         self.stored = qw  # its zeros, g_idx and bias are kept as they are
 
     def _scale(self, m: torch.Tensor) -> torch.Tensor:
-        """Each weight's scale [out, in]: the group's scale times m, rounded to fp16 (straight through)."""
+        """Each weight's scale [out, in]: the group's scale times m, rounded to fp16 (straight through). Contiguous
+        groups (all but act-order's) repeat each group's scale, whose backward sums over the group: forward and
+        backward of a 1536 x 576 matrix in groups of 64 take 5 ms on a CPU core, the gather by g_idx 16 ms."""
         s = self.scale0 * m
         s = s + (s.half().float() - s).detach()
-        return s[self.g_idx].t()
+        if self.contiguous:
+            return s.t().repeat_interleave(self.group, dim=1)[:, :self.w.shape[1]]
+        return s.index_select(0, self.g_idx).t()
 
-    def codes(self) -> torch.Tensor:
-        s = self._scale(self.m)
+    def _codes(self, s: torch.Tensor) -> torch.Tensor:
         # v0 is added after rounding: inside, an integer shift would flip round-half-to-even at ties (a group's
         # extreme weight sits at exactly +-maxq/2 steps in symmetric min-max RTN) and move that code by one
         return torch.clamp(round_ste(self.w / s + self.v) + self.v0 + self.zero, 0, self.maxq)
 
+    def codes(self) -> torch.Tensor:
+        return self._codes(self._scale(self.m))
+
     def forward(self) -> torch.Tensor:
         """The dequantized weight [out, in], differentiable in v and m."""
-        return self._scale(self.m) * (self.codes() - self.zero)
+        s = self._scale(self.m)
+        return s * (self._codes(s) - self.zero)
 
     @torch.no_grad()
     def sign_step(self, lr: float) -> None:
@@ -72,6 +81,12 @@ class LearnedRounding(nn.Module):
     def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The learned offsets and multipliers, copied (AutoRound keeps the best step's)."""
         return self.v.detach().clone(), self.m.detach().clone()
+
+    @torch.no_grad()
+    def save(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Copy the offsets and multipliers into a snapshot's buffers (no allocation inside the step loop)."""
+        state[0].copy_(self.v)
+        state[1].copy_(self.m)
 
     @torch.no_grad()
     def restore(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
