@@ -111,10 +111,7 @@ def _moment_bytes(moment: dict[str, tuple[str, float]]) -> float:
 def refine_work(shape: ModelShape, batch: int, seq: int, dtype_bytes: int) -> dict[str, tuple[str, float]]:
     """What one refine step adds beside the layer's weights: its learned rounding and the batch's saved activations.
     Fused experts are not refined (`ptq.refine`), so a MoE layer refines its attention and shared experts."""
-    refined = shape.linear_params_per_layer()
-    if shape.experts:
-        refined = sum(i * o for i, o in shape.attention_linears().values()) + sum(
-            i * o for i, o in shape.mlp_linears(shape.shared_intermediate).values() if shape.shared_intermediate)
+    refined = shape.moe_layer_unrouted_params() if shape.experts else shape.linear_params_per_layer()
     dtype = WeightsDtype.FP32 if dtype_bytes == 4 else WeightsDtype.BF16
     per_token = Inventory(shape, Job(method=Method.FULL, batch=batch, seq=seq, weights_dtype=dtype)).layer
     return {"refine.rounding": ("--refine: learned rounding of the layer's linears (counted)", REFINE_BYTES_PER_WEIGHT * refined),

@@ -97,10 +97,14 @@ class ModelShape:
     def dense_layer_linear_params(self) -> int:
         return self._params(self.linears())
 
+    def moe_layer_unrouted_params(self) -> int:
+        """Attention and the shared experts of one MoE layer: its linears outside the routed experts."""
+        shared = self._params(self.mlp_linears(self.shared_intermediate)) if self.shared_intermediate else 0
+        return self._params(self.attention_linears()) + shared
+
     def moe_layer_linear_params(self) -> int:
         """Attention, every routed expert and the shared experts of one MoE layer."""
-        shared = self._params(self.mlp_linears(self.shared_intermediate)) if self.shared_intermediate else 0
-        return self._params(self.attention_linears()) + self._params(self.mlp_linears(self.expert_intermediate), self.experts) + shared
+        return self.moe_layer_unrouted_params() + self._params(self.mlp_linears(self.expert_intermediate), self.experts)
 
     def linear_params(self) -> int:
         """Weights of every decoder layer's linears and experts."""

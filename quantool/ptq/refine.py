@@ -87,8 +87,8 @@ def refine_layer(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs
                 out = functional_call(layer, weights, (x[pick].to(device),), kw)
             out = out[0] if isinstance(out, tuple) else out
             loss = F.mse_loss(out.float(), target[pick].to(device).float())
-            if loss.item() < best_loss:  # the rounding this loss was computed with, before this step's update
-                best_loss = loss.item()
+            if (value := loss.item()) < best_loss:  # the rounding this loss was computed with, before this step's update
+                best_loss = value
                 for n, r in learners.items():
                     r.save(best[n])
             loss.backward()

@@ -39,23 +39,26 @@ class LearnedRounding(nn.Module):
         self.register_buffer("w", w.float())
         self.register_buffer("g_idx", qw.g_idx.long().to(device))
         self.register_buffer("scale0", qw.scale.float().to(device))  # [groups, out]
-        self.register_buffer("zero", qw.zero.float().to(device)[self.g_idx].t())  # [out, in]
         self.group = qw.group_size if qw.group_size > 0 else w.shape[1]
         self.contiguous = torch.equal(qw.g_idx.long().cpu(), torch.arange(w.shape[1]) // self.group)  # else act-order's
+        self.register_buffer("zero", self._per_weight(qw.zero.float().to(device)))  # [out, in]
         self.register_buffer("v0", qw.q.float().to(device) - self.zero - torch.round(self.w / self._scale(torch.ones_like(self.scale0))))
         self.v = nn.Parameter(torch.zeros_like(self.w))
         self.m = nn.Parameter(torch.ones_like(self.scale0))
         self.stored = qw  # its zeros, g_idx and bias are kept as they are
 
-    def _scale(self, m: torch.Tensor) -> torch.Tensor:
-        """Each weight's scale [out, in]: the group's scale times m, rounded to fp16 (straight through). Contiguous
-        groups (all but act-order's) repeat each group's scale, whose backward sums over the group: forward and
-        backward of a 1536 x 576 matrix in groups of 64 take 5 ms on a CPU core, the gather by g_idx 16 ms."""
-        s = self.scale0 * m
-        s = s + (s.half().float() - s).detach()
+    def _per_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-group tensor [groups, out] expanded to each weight [out, in]. Contiguous groups (all but act-order's)
+        repeat each group's value, whose backward sums over the group: forward and backward of a 1536 x 576 matrix in
+        groups of 64 take 5 ms on a CPU core, the gather by g_idx 16 ms."""
         if self.contiguous:
-            return s.t().repeat_interleave(self.group, dim=1)[:, :self.w.shape[1]]
-        return s.index_select(0, self.g_idx).t()
+            return t.t().repeat_interleave(self.group, dim=1)[:, :self.w.shape[1]]
+        return t.index_select(0, self.g_idx).t()
+
+    def _scale(self, m: torch.Tensor) -> torch.Tensor:
+        """Each weight's scale [out, in]: the group's scale times m, rounded to fp16 (straight through)."""
+        s = self.scale0 * m
+        return self._per_weight(s + (s.half().float() - s).detach())
 
     def _codes(self, s: torch.Tensor) -> torch.Tensor:
         # v0 is added after rounding: inside, an integer shift would flip round-half-to-even at ties (a group's
