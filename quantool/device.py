@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -43,6 +46,15 @@ def computes_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and cpu_has_bf16()
+
+
+@functools.cache
+def compiles(device_type: str) -> bool:
+    """Whether torch.compile can build kernels for this kind of device: a C++ compiler for CPUs (inductor's: $CXX,
+    else g++), Triton for CUDA GPUs."""
+    if device_type == "cuda":
+        return importlib.util.find_spec("triton") is not None
+    return device_type == "cpu" and shutil.which(os.environ.get("CXX") or "g++") is not None
 
 
 def speed_dtype(device: torch.device) -> torch.dtype:

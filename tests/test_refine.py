@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from quantool.cli import main
+from quantool.device import compiles
 from quantool.model.structure import LayerMap
 from quantool.ptq.layer_report import LayerReport
 from quantool.ptq.refine import RefineSettings, refine_layer
@@ -37,7 +38,7 @@ def test_learned_rounding_starts_at_the_methods_codes(method, sym):
     assert torch.equal(same.q, qw.q) and torch.equal(same.scale, qw.scale.half()) and torch.equal(same.zero, qw.zero)
     assert torch.allclose(r(), qw.dequantize(), rtol=0, atol=1e-6)
     if method == "rtn":
-        raw = torch.round(w / r._scale(r.m)) + r.zero
+        raw = torch.round(w / r._per_weight(r.scale0.half().float())) + r.zero
         inside = (raw >= 0) & (raw <= spec.maxq)
         assert inside.float().mean() > 0.9 and torch.count_nonzero(r.v0[inside]) == 0  # SignRound's start, v0 = 0, but where clamped
     r.v.data.fill_(0.49)  # offsets just short of a whole step move every code up by at most one
@@ -46,25 +47,41 @@ def test_learned_rounding_starts_at_the_methods_codes(method, sym):
     assert torch.allclose(r(), r.quantized().dequantize(), rtol=0, atol=1e-6)  # what it trains is what it stores
 
 
-def test_contiguous_groups_fast_path_equals_the_gather():
-    """Groups in column order (the last one partial) repeat each scale instead of gathering it by g_idx: the same
-    weight forward and gradients of the offsets, the multipliers' up to float summation order."""
+def _plain_rounding(r: LearnedRounding) -> torch.Tensor:
+    """The learned rounding's weight written out op by op through autograd, each weight's scale gathered by g_idx."""
+    s = r.scale0 * r.m
+    s = (s + (s.half().float() - s).detach()).index_select(0, r.g_idx).t()
+    u = r.w / s + r.v
+    codes = torch.clamp(u + (torch.round(u) - u).detach() + r.v0 + r.zero, 0, r.maxq)
+    return s * (codes - r.zero)
+
+
+@pytest.mark.parametrize("layout", ["whole groups", "last group partial", "act-order"])
+def test_fused_rounding_equals_autograd_through_the_plain_formula(layout):
+    """The fused forward and backward (`_FakeQuant`, scales per group) give the plain formula's weight and offset
+    gradients exactly, the scale multipliers' up to float summation order, on every group layout."""
     torch.manual_seed(4)
-    w = torch.randn(48, 100)
-    qw = QuantizedWeight.from_rtn(w, QuantSpec(bits=4, group_size=32, sym=True, full_range=True))
-    fast, plain = LearnedRounding(w, qw, 15), LearnedRounding(w, qw, 15)
-    plain.contiguous = False
-    assert fast.contiguous
+    w = torch.randn(48, 96 if layout == "whole groups" else 100)
+    spec = QuantSpec(bits=4, group_size=32, sym=True, full_range=True)
+    qw = QuantizedWeight.from_rtn(w, spec) if layout != "act-order" else _gptq_weight(w, torch.randn(300, 100), spec)
+    r = LearnedRounding(w, qw, spec.maxq)
+    assert (r.grouped, r.contiguous) == {"whole groups": (True, True), "last group partial": (False, True),
+                                         "act-order": (False, False)}[layout]
+    r.v.data.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(1))
+    r.m.data.uniform_(0.8, 1.2, generator=torch.Generator().manual_seed(2))
+    r.v.data[:, :4] = 0.5  # some codes pushed past the grid's ends, where the clamp stops the gradient
+    r.m.data[:2] = 0.5
     grads = []
-    for r in (fast, plain):
-        r.v.data.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(1))
-        r.m.data.uniform_(0.8, 1.2, generator=torch.Generator().manual_seed(2))
-        out = r()
+    for forward in (r.forward, lambda: _plain_rounding(r)):
+        out = forward()
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads.append((out.detach(), r.v.grad, r.m.grad))
+        r.v.grad = r.m.grad = None
     (out, v, m), (out_ref, v_ref, m_ref) = grads
     assert torch.equal(out, out_ref) and torch.equal(v, v_ref)
-    assert torch.allclose(m, m_ref, rtol=1e-6, atol=1e-6)  # sums over a group, in another order
+    assert torch.allclose(m, m_ref, rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(v == 0) > 0  # the clamp was reached
+    assert torch.equal(r.codes(), torch.round(out_ref / r._per_weight((r.scale0 * r.m).half().float()) + r.zero))
 
 
 class _Block(nn.Module):
@@ -104,14 +121,19 @@ def _rounded_block(seed: int, samples: int, bits: int):
     return block, x, target, lmap, spec, rounded, quantized
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_refine_lowers_the_blocks_error_against_a_plain_reference(bf16):
+@pytest.mark.parametrize("bf16,compiled", [(False, False), (True, False), (False, True)], ids=["fp32", "bf16", "compiled"])
+def test_refine_lowers_the_blocks_error_against_a_plain_reference(bf16, compiled):
+    """Eager and through torch.compile (where a compiler is found; auto leaves a block this small eager)."""
+    if compiled and not compiles("cpu"):
+        pytest.skip("torch.compile finds no C++ compiler here")
     block, x, target, lmap, spec, rounded, quantized = _rounded_block(seed=0, samples=16, bits=2)
     before = _plain_error(block, {n: q.dequantize() for n, q in quantized.items()}, x, target)
     report = LayerReport()
-    y = refine_layer(block, lmap, x, {}, target, quantized, rounded, dict.fromkeys(lmap.linears, spec), RefineSettings(60, 4, bf16=bf16), seed=0,
+    settings = RefineSettings(60, 4, bf16=bf16, compile=compiled or None)
+    y = refine_layer(block, lmap, x, {}, target, quantized, rounded, dict.fromkeys(lmap.linears, spec), settings, seed=0,
                      device=torch.device("cpu"), tokens=4096, report=report)
     after = _plain_error(block, {n: q.dequantize() for n, q in quantized.items()}, x, target)
+    assert report.refine["compile"] == compiled
     assert report.refine["kept"] and after < 0.9 * before, (before, after)
     assert report.refine["error_before"] == pytest.approx(before, rel=1e-4)
     assert report.refine["error_after"] == pytest.approx(after, rel=1e-4)

@@ -42,9 +42,10 @@ AWQ_CLIP_COPIES = 7.2  # peak of search_clip + apply_clip in [out, in] fp32 copi
 RTN_COPIES = 1.8
 GPTQ_COPIES = (1.0, 2.4)
 # --refine, per weight of the refined linears, counted from quant/rounding.py: the weight as rounded, its expanded zero,
-# v0, v, v's gradient and the best step's v (fp32 each), and what one forward's graph keeps for backward (the expanded
-# scale, codes - zero and the dequantized weight, fp32, and clamp's mask)
-REFINE_BYTES_PER_WEIGHT = 6 * 4 + 3 * 4 + 1
+# v0, v, v's gradient and the best step's v (fp32 each), and what one forward's graph keeps for backward (codes - zero
+# and the dequantized weight, fp32, and the clamp's mask; scales stay per group where a row's groups are whole, else
+# one more fp32 per weight, not counted)
+REFINE_BYTES_PER_WEIGHT = 6 * 4 + 2 * 4 + 1
 MODEL_TARGETS = _PTQ.refine_target == RefineTarget.MODEL
 
 

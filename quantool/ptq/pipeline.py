@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 from quantool import __version__, text
 from quantool.device import computes_bf16, default_dtype, resolve_device
@@ -197,10 +198,12 @@ def quantize_and_refine(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor,
     target = None if cfg.method == "awq" else run_layer(layer, x if x_fp is None else x_fp, kwargs, device, cfg.chunk_tokens)
     rounded: dict[str, torch.Tensor] = {}
     quantized, report, y = DRIVERS[cfg.method].quantize_layer(layer, lmap, x, kwargs, specs, cfg, device, rounded=rounded)
+    # GPTQ's outputs are the quantized layer's on x: their error is refine's starting point (AWQ's are its target)
+    before = None if y is None or target is None else float(F.mse_loss(y.float(), target.float()))
     target = y if target is None else target
     del y  # GPTQ's outputs are replaced by the refined layer's
     refined_y = refine_layer(layer, lmap, x, kwargs, target, quantized, rounded, specs, cfg.refine_settings(), seed, device,
-                             cfg.chunk_tokens, report)
+                             cfg.chunk_tokens, report, before)
     return quantized, report, (target if cfg.method == "awq" else refined_y), (None if x_fp is None else target)
 
 

@@ -14,6 +14,8 @@ Experts held in fused parameters keep the method's codes.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,22 +23,56 @@ import torch
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from quantool.device import compiles
 from quantool.model.layerwise import run_layer, to_device
 from quantool.model.structure import LayerMap
 from quantool.ptq.layer_report import LayerReport, set_weight
 from quantool.quant.quantizer import QuantizedWeight, QuantSpec
 from quantool.quant.rounding import LearnedRounding
 
+# Compiling a step's graph takes seconds once per kind of layer; below this many refined weights a layer's eager step
+# takes milliseconds, so auto compiles only at least this large a layer
+COMPILE_MIN_WEIGHTS = 1 << 20
+
 
 @dataclass(frozen=True)
 class RefineSettings:
     """steps: SignRound's iterations per layer; batch: windows per step; lr: a multiple of SignRound's 1/steps; bf16:
-    each step's forward and backward under bfloat16 autocast (the codes kept are still judged in the layer's dtype)."""
+    each step's forward and backward under bfloat16 autocast (the codes kept are still judged in the layer's dtype);
+    compile: each step's layer forward and loss through torch.compile (None: where `device.compiles`, for layers of
+    at least COMPILE_MIN_WEIGHTS refined weights without experts, whose data-dependent routing splits the graph)."""
 
     steps: int
     batch: int = 8
     lr: float = 1.0
     bf16: bool = False
+    compile: bool | None = None
+
+
+def _step_loss(layer: torch.nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor, kwargs: dict,
+               target: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """One step's loss: the layer with these weights on x, against the target's mean squared error."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = functional_call(layer, weights, (x,), kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    return F.mse_loss(out.float(), target.float())
+
+
+@functools.cache
+def _compiled_step_loss() -> Callable[..., torch.Tensor]:
+    """`_step_loss` through torch.compile: built at the first call, reused by every layer of the same structure and
+    shapes (the layer is an argument, not a constant). A compile that fails falls back to eager (dynamo's
+    suppress_errors); one compiler thread, so compiling forks no worker processes beside the job."""
+    import torch._dynamo.config as dynamo
+    import torch._inductor.config as inductor
+
+    compiled = torch.compile(_step_loss, dynamic=False)
+
+    def run(*args: Any) -> torch.Tensor:
+        with inductor.patch(compile_threads=1), dynamo.patch(suppress_errors=True):
+            return compiled(*args)
+
+    return run
 
 
 def output_error(layer: torch.nn.Module, x: torch.Tensor, kwargs: dict, target: torch.Tensor, device: torch.device,
@@ -61,12 +97,19 @@ def _refinable(layer: torch.nn.Module, lmap: LayerMap, quantized: dict[str, Quan
 
 def refine_layer(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs: dict, target: torch.Tensor,
                  quantized: dict[str, QuantizedWeight], rounded: dict[str, torch.Tensor], specs: dict[str, QuantSpec],
-                 settings: RefineSettings, seed: int, device: torch.device, tokens: int, report: LayerReport) -> torch.Tensor:
+                 settings: RefineSettings, seed: int, device: torch.device, tokens: int, report: LayerReport,
+                 before: float | None = None) -> torch.Tensor:
     """Refine the layer's quantized linears in place (`quantized` and the layer's weights); returns the layer's
-    outputs on x with the codes kept. `rounded` holds the weights each method rounded (before rounding)."""
+    outputs on x with the codes kept. `rounded` holds the weights each method rounded (before rounding); `before`,
+    the method's output error where the caller measured it (else one more pass over the windows measures it)."""
     names = _refinable(layer, lmap, quantized)
-    before = output_error(layer, x, kwargs, target, device, tokens)[0]
+    if before is None:
+        before = output_error(layer, x, kwargs, target, device, tokens)[0]
     learners = {n: LearnedRounding(rounded[n].to(device), quantized[n], specs[n].maxq) for n in names}
+    compiled = settings.compile if settings.compile is not None else (
+        compiles(device.type) and sum(r.w.numel() for r in learners.values()) >= COMPILE_MIN_WEIGHTS
+        and not any(lmap.expert_of(n) is not None for n in quantized))
+    step_loss = _compiled_step_loss() if compiled else _step_loss
     transposed = {n: not isinstance(layer.get_submodule(n), torch.nn.Linear) for n in names}  # Conv1D stores [in, out]
     dtypes = {n: layer.get_submodule(n).weight.dtype for n in names}
     kw = to_device(kwargs, device)
@@ -83,10 +126,7 @@ def refine_layer(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs
             for n, r in learners.items():
                 w = r()
                 weights[f"{n}.weight"] = (w.t() if transposed[n] else w).to(dtypes[n])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
-                out = functional_call(layer, weights, (x[pick].to(device),), kw)
-            out = out[0] if isinstance(out, tuple) else out
-            loss = F.mse_loss(out.float(), target[pick].to(device).float())
+            loss = step_loss(layer, weights, x[pick].to(device), kw, target[pick].to(device), settings.bf16)
             if (value := loss.item()) < best_loss:  # the rounding this loss was computed with, before this step's update
                 best_loss = value
                 for n, r in learners.items():
@@ -102,7 +142,8 @@ def refine_layer(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs
         w = qw.dequantize().to(device)
         set_weight(layer.get_submodule(n), w.t() if transposed[n] else w)
     after, y = output_error(layer, x, kwargs, target, device, tokens)
-    report.refine = {"error_before": before, "error_after": after, "kept": after < before, "linears": len(names)}
+    report.refine = {"error_before": before, "error_after": after, "kept": after < before, "linears": len(names),
+                     "compile": compiled}
     if after < before:
         quantized.update(refined)
         return y
