@@ -91,7 +91,7 @@ class PTQConfig:
     refine_compile: bool | None = opt(None, "--refine: run each step's layer forward and backward through torch.compile "
                                       "(compiled once per kind of layer, reused by all). Default: on where torch.compile "
                                       "can build kernels (a C++ compiler on CPU, Triton on CUDA), for layers of at least "
-                                      "2^20 refined weights without experts: 1.24 -> 0.98 s per SmolLM2 step on a CPU.",
+                                      "2^20 refined weights without experts: 1.1-1.3x faster per SmolLM2 step on two CPUs.",
                                       flag="--refine-compile/--no-refine-compile")
     refine_lr: float = opt(1.0, "--refine: learning rate as a multiple of SignRound's 1/N (decaying linearly to 0); lower "
                            "moves fewer codes (docs/quantization.md has the measurements).")
