@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from quantool import __version__, text
 from quantool.device import computes_bf16, default_dtype, resolve_device
@@ -38,7 +37,7 @@ from quantool.ptq import awq, bnb, gptq, rtn
 from quantool.ptq.config import BITSANDBYTES, PTQConfig
 from quantool.ptq.layer_report import LayerReport
 from quantool.ptq.names import layer_outputs
-from quantool.ptq.refine import refine_layer
+from quantool.ptq.refine import output_mse, refine_layer
 from quantool.util import allocator, faults, outdir
 from quantool.util.atomic import torch_save, write_json
 
@@ -199,7 +198,7 @@ def quantize_and_refine(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor,
     rounded: dict[str, torch.Tensor] = {}
     quantized, report, y = DRIVERS[cfg.method].quantize_layer(layer, lmap, x, kwargs, specs, cfg, device, rounded=rounded)
     # GPTQ's outputs are the quantized layer's on x: their error is refine's starting point (AWQ's are its target)
-    before = None if y is None or target is None else float(F.mse_loss(y.float(), target.float()))
+    before = None if y is None or target is None else output_mse(y, target)
     target = y if target is None else target
     del y  # GPTQ's outputs are replaced by the refined layer's
     refined_y = refine_layer(layer, lmap, x, kwargs, target, quantized, rounded, specs, cfg.refine_settings(), seed, device,

@@ -75,11 +75,16 @@ def _compiled_step_loss() -> Callable[..., torch.Tensor]:
     return run
 
 
+def output_mse(y: torch.Tensor, target: torch.Tensor) -> float:
+    """The error refine reports and keeps codes by: mean squared error of a layer's outputs against target."""
+    return float(F.mse_loss(y.float(), target.float()))
+
+
 def output_error(layer: torch.nn.Module, x: torch.Tensor, kwargs: dict, target: torch.Tensor, device: torch.device,
                  tokens: int) -> tuple[float, torch.Tensor]:
-    """Mean squared error of the layer's outputs against target over all windows, and the outputs."""
+    """`output_mse` of the layer's outputs over all windows, and the outputs."""
     y = run_layer(layer, x, kwargs, device, tokens)
-    return float(F.mse_loss(y.float(), target.float())), y
+    return output_mse(y, target), y
 
 
 def _refinable(layer: torch.nn.Module, lmap: LayerMap, quantized: dict[str, QuantizedWeight]) -> list[str]:
