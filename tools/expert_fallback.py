@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from shared_data import WIKITEXT
 
 from quantool.model.source import ModelSource
 from quantool.quant.gptq import Hessian, gptq_quantize
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--text", default=str(ROOT / "../shared/data/wikitext2_raw_test.txt"))
+    ap.add_argument("--text", default=str(WIKITEXT))
     ap.add_argument("--layer", type=int, default=10)
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("-o", "--out", type=Path, default=ROOT / "reports/expert-fallback.json")

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from shared_data import WIKITEXT
+
 from child_rusage import measure
 from peer_benchmark import calibration_windows, evaluate, save_autoround, split_text
 
@@ -112,7 +114,7 @@ def plot(data: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--text", type=Path, default=ROOT / "../shared/data/wikitext2_raw_test.txt")
+    ap.add_argument("--text", type=Path, default=WIKITEXT)
     ap.add_argument("--bits", default="2,3,4,8")
     ap.add_argument("--sensitivity", default="gptq,rtn", help="sensitivity measures to sweep")
     ap.add_argument("--mix", default="neighbours", choices=("neighbours", "all"), help="quantool fit --mix")

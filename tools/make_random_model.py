@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from shared_data import STORIES260K
 
 MARKER = "RANDOM_WEIGHTS"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -108,7 +109,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--tokenizer", type=Path, default=Path(__file__).resolve().parents[1] / "../shared/models/stories260K")
+    ap.add_argument("--tokenizer", type=Path, default=STORIES260K)
     ap.add_argument("--shard-gb", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--delete", action="store_true")

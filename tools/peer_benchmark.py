@@ -32,11 +32,13 @@ import sys
 import time
 from pathlib import Path
 
+from shared_data import WIKITEXT
+
 from child_rusage import measure
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"gptq-w4g64": ("gptq", 4, 64), "gptq-w4g128": ("gptq", 4, 128), "gptq-w3g64": ("gptq", 3, 64),
-           "awq-w4g64": ("awq", 4, 64)}
+           "gptq-w2g64": ("gptq", 2, 64), "awq-w4g64": ("awq", 4, 64)}
 
 
 def split_text(path: Path, work: Path) -> tuple[Path, Path]:
@@ -104,6 +106,11 @@ def quantool_cmd(args, name: str, calib: Path, out: Path) -> list[str]:
             str(args.seed), "--device", "cpu", *shlex.split(args.quantool_args)]
 
 
+def written_group(path: Path) -> int:
+    """The group size a checkpoint was written with (quantool falls back to one that divides every width)."""
+    return json.loads((path / "config.json").read_text())["quantization_config"]["group_size"]
+
+
 def evaluate(path: Path, eval_text: Path, ctx: int, max_tokens: int) -> float:
     import quantool
     from quantool.eval.perplexity import perplexity
@@ -144,7 +151,9 @@ def markdown(data: dict) -> str:
                     and x["label"] != x["rtn_label"] and not x.get("error")), key=lambda x: x["ppl"], default=None)
         ratios = ("| – | –" if ours is None or r["tool"].startswith("quantool") else
                   f"| {ours['seconds'] / r['seconds']:.2f} | {ours['peak_rss_bytes'] / r['peak_rss_bytes']:.2f}")
-        lines.append(f"| {r['label']} | {r['tool']} | {r['ppl']:.2f} | {r['ppl'] - base:+.2f} | {rec} | {r['seconds']:.0f} s "
+        group = int(r["label"].split()[-1][1:])
+        written = f" (wrote g{r['group_size']})" if r.get("group_size", group) != group else ""
+        lines.append(f"| {r['label']}{written} | {r['tool']} | {r['ppl']:.2f} | {r['ppl'] - base:+.2f} | {rec} | {r['seconds']:.0f} s "
                      f"| {r['peak_rss_bytes'] / 2**30:.2f} GiB {ratios} |")
     lines += [""] + [f"- {note}" for note in data["notes"]] if data.get("notes") else []
     errors = [r for r in data["runs"] if r.get("error")]
@@ -154,10 +163,24 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(data: dict, others: list[dict]) -> dict:
+    """data with the runs of other invocations added (one beside it on the other core, or one after it): each (tool,
+    checkpoint) row once, the first measured kept (each invocation measures RTN and the method again), their
+    commands joined."""
+    seen = {(r["tool"], r["label"]) for r in data["runs"]}
+    for other in others:
+        data["runs"] += [r for r in other["runs"] if (r["tool"], r["label"]) not in seen]
+        seen |= {(r["tool"], r["label"]) for r in other["runs"]}
+        data["command"] += "  AND  " + other["command"]
+        for key in ("peer_version", "autoround_version"):
+            data[key] = data.get(key) or other.get(key)
+    return data
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True, help="SmolLM2-135M as an HF folder (see above)")
-    ap.add_argument("--text", type=Path, default=ROOT / "../shared/data/wikitext2_raw_test.txt")
+    ap.add_argument("--text", type=Path, default=WIKITEXT)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--quantool-args", default="", help="extra options for quantool's GPTQ/AWQ runs, e.g. --quantool-args=--no-mse")
     ap.add_argument("--refine", default="", help="comma-separated METHOD:STEPS: one more quantool row each, that method "
@@ -174,13 +197,19 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantool-peer"))
     ap.add_argument("-o", "--out", type=Path, default=ROOT / "reports/smollm2-peer.json")
     ap.add_argument("--table", action="store_true", help="only write the Markdown of --out's runs (and its notes) again")
+    ap.add_argument("--merge", type=Path, action="append", default=[], help="with --table: first add to --out the runs of "
+                    "another invocation's JSON (one run beside it on the other core, or after it) that --out does not have")
     ap.add_argument("--peer-child", help=argparse.SUPPRESS)
     ap.add_argument("--autoround-child", help=argparse.SUPPRESS)
     ap.add_argument("--iters", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--calib", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.table:
-        args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.read_text())))
+        data = json.loads(args.out.read_text())
+        if args.merge:
+            data = merge(data, [json.loads(p.read_text()) for p in args.merge])
+            args.out.write_text(json.dumps(data, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(data))
         return
     if args.peer_child or args.autoround_child:
         args.config, args.out = args.peer_child or args.autoround_child, Path(args.out)
@@ -201,7 +230,7 @@ def main() -> None:
                                          capture_output=True, text=True, check=True).stdout.strip()
 
     peer_version, autoround_version = version(args.peer_python, "gptqmodel"), version(args.autoround_python, "auto-round")
-    data = {"date": time.strftime("%Y-%m-%d"), "command": "python tools/peer_benchmark.py " + " ".join(sys.argv[1:]),
+    data = {"date": time.strftime("%Y-%m-%d"), "command": "python tools/peer_benchmark.py " + shlex.join(sys.argv[1:]),
             "quantool_args": args.quantool_args,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                         "transformers": transformers.__version__},
@@ -243,7 +272,7 @@ def main() -> None:
             if res["exit"]:
                 row["error"] = (log.read_text().strip().splitlines() or ["(no output)"])[-1][:300]
             else:
-                row["ppl"] = evaluate_(path)
+                row["ppl"], row["group_size"] = evaluate_(path), written_group(path)
             runs.append(row)
             args.out.write_text(json.dumps(data, indent=2) + "\n")  # after every run: a cut-short run keeps its rows
             print(f"{tool} {lab}: {row.get('ppl', row.get('error'))}, {res['seconds']:.0f} s, "

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from shared_data import WIKITEXT
 
 from child_rusage import measure
 
@@ -33,7 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--name", required=True, help="catalog name of the model's shape (quantool memory --model NAME)")
-    ap.add_argument("--calib", type=Path, default=ROOT / "../shared/data/wikitext2_raw_test.txt")
+    ap.add_argument("--calib", type=Path, default=WIKITEXT)
     ap.add_argument("--runs", default=RUNS, help="method:nsamples:seqlen[:refine_batch],...")
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantool-quantize-memory"))
     ap.add_argument("-o", "--out", type=Path, default=ROOT / "reports/quantize-memory.json")

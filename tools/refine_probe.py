@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from shared_data import WIKITEXT
 
 from quantool.formats import LAYOUTS
 from quantool.model.experts import eager_experts
@@ -35,7 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--layers", default="0", help="FIRST-LAST or one layer")
-    ap.add_argument("--calib", default=str(ROOT / "../shared/data/wikitext2_raw_test.txt"))
+    ap.add_argument("--calib", default=str(WIKITEXT))
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--nsamples", type=int, default=32)

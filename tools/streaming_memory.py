@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import transformers
 from make_random_model import SHAPES
+from shared_data import STORIES260K, WIKITEXT
 
 from child_rusage import measure
 
@@ -95,10 +96,10 @@ def main() -> None:
     ap.add_argument("--layers", default="4,8,32")
     ap.add_argument("--extra", default="", help="more quantool options for every run, e.g. --extra='--expert-token-ratio 0'")
     ap.add_argument("--methods", default="rtn,gptq")
-    ap.add_argument("--calib", type=Path, default=ROOT / "../shared/data/wikitext2_raw_test.txt",
+    ap.add_argument("--calib", type=Path, default=WIKITEXT,
                     help="calibration text (the random models' tokenizer needs more than the shipped default)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantool-streaming"))
-    ap.add_argument("--tokenizer", type=Path, default=ROOT / "../shared/models/stories260K", help="tokenizer for the random models")
+    ap.add_argument("--tokenizer", type=Path, default=STORIES260K, help="tokenizer for the random models")
     ap.add_argument("--keep-models", action="store_true")
     ap.add_argument("--replan", action="store_true", help="only recompute the planned peaks of the runs in --out")
     ap.add_argument("-o", "--out", type=Path)
