@@ -29,6 +29,11 @@ class RefineTarget(Choice):
     LAYER = "layer"
 
 
+class RefineLoss(Choice):
+    MSE = "mse"
+    TOKEN = "token"
+
+
 class Order(Choice):
     NATURAL = "natural"
     ACT = "act"
@@ -93,6 +98,9 @@ class PTQConfig:
                                       "can build kernels (a C++ compiler on CPU, Triton on CUDA), for layers of at least "
                                       "2^20 refined weights without experts: 1.1-1.3x faster per SmolLM2 step on two CPUs.",
                                       flag="--refine-compile/--no-refine-compile")
+    refine_loss: RefineLoss = opt(RefineLoss.MSE, "--refine: a layer's loss: mse (mean squared error of its outputs, "
+                                  "SignRound's) or token (each token's squared error relative to its target's mean square, "
+                                  "so the few tokens of very large activations do not outweigh the rest).", choices=RefineLoss)
     refine_lr: float = opt(1.0, "--refine: learning rate as a multiple of SignRound's 1/N (decaying linearly to 0); lower "
                            "moves fewer codes (docs/quantization.md has the measurements).")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1 ...")
@@ -119,7 +127,8 @@ class PTQConfig:
     def refine_settings(self) -> RefineSettings:
         from quantool.ptq.refine import RefineSettings
 
-        return RefineSettings(self.refine, self.refine_batch, self.refine_lr, bool(self.refine_bf16), self.refine_compile)
+        return RefineSettings(self.refine, self.refine_batch, self.refine_lr, bool(self.refine_bf16), self.refine_compile,
+                              self.refine_loss == RefineLoss.TOKEN)
 
     def spec(self) -> QuantSpec:
         from quantool.formats import LAYOUTS
@@ -132,6 +141,7 @@ class PTQConfig:
         self.method = Method.parse(self.method, "method")
         self.order = Order.parse(self.order, "--order")
         self.refine_target = RefineTarget.parse(self.refine_target, "--refine-target")
+        self.refine_loss = RefineLoss.parse(self.refine_loss, "--refine-loss")
 
     def validate(self) -> PTQConfig:
         if self.method in LAYERWISE:

@@ -37,7 +37,7 @@ from quantool.ptq import awq, bnb, gptq, rtn
 from quantool.ptq.config import BITSANDBYTES, PTQConfig
 from quantool.ptq.layer_report import LayerReport
 from quantool.ptq.names import layer_outputs
-from quantool.ptq.refine import output_mse, refine_layer
+from quantool.ptq.refine import output_loss, refine_layer
 from quantool.util import allocator, faults, outdir
 from quantool.util.atomic import torch_save, write_json
 
@@ -198,10 +198,11 @@ def quantize_and_refine(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor,
     rounded: dict[str, torch.Tensor] = {}
     quantized, report, y = DRIVERS[cfg.method].quantize_layer(layer, lmap, x, kwargs, specs, cfg, device, rounded=rounded)
     # GPTQ's outputs are the quantized layer's on x: their error is refine's starting point (AWQ's are its target)
-    before = None if y is None or target is None else output_mse(y, target)
+    settings = cfg.refine_settings()
+    before = None if y is None or target is None else output_loss(y, target, settings.per_token)
     target = y if target is None else target
     del y  # GPTQ's outputs are replaced by the refined layer's
-    refined_y = refine_layer(layer, lmap, x, kwargs, target, quantized, rounded, specs, cfg.refine_settings(), seed, device,
+    refined_y = refine_layer(layer, lmap, x, kwargs, target, quantized, rounded, specs, settings, seed, device,
                              cfg.chunk_tokens, report, before)
     return quantized, report, (target if cfg.method == "awq" else refined_y), (None if x_fp is None else target)
 
