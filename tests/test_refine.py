@@ -99,12 +99,12 @@ def _plain_error(block: _Block, weights: dict[str, torch.Tensor], x: torch.Tenso
                  per_token: bool = False) -> float:
     """The block's mean squared output error with the given weights, written out in float64 (per_token: each
     token's relative to its target's mean square)."""
-    x64, t = x.double(), target.double()
+    x64, t64 = x.double(), target.double()
     w = {n: t.double() for n, t in weights.items()}
     h = torch.nn.functional.silu(x64 @ w["gate"].t()) * (x64 @ w["up"].t())
     y = x64 + h @ w["down"].t() + block.down.bias.detach().double()
-    err = (y - t).square().mean(-1)
-    return float((err / t.square().mean(-1) if per_token else err).mean())
+    err = (y - t64).square().mean(-1)
+    return float((err / t64.square().mean(-1) if per_token else err).mean())
 
 
 def _rounded_block(seed: int, samples: int, bits: int, loud_tokens: bool = False):
