@@ -16,7 +16,6 @@ import argparse
 import copy
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from shared_data import WIKITEXT
@@ -28,8 +27,6 @@ from quantool.model.source import ModelSource, open_weights
 from quantool.model.structure import decoder_layers
 from quantool.ptq.config import PTQConfig
 from quantool.ptq.pipeline import DRIVERS, capture_calibration, layer_map, quantization_group, quantize_and_refine
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:

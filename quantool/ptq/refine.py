@@ -61,13 +61,18 @@ def token_loss(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((y.float() - t).pow(2).mean(-1) / t.pow(2).mean(-1).clamp_min(1e-12)).mean()
 
 
+def layer_loss(y: torch.Tensor, target: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """Refine's loss of a layer's outputs against target: `token_loss`, or the mean squared error."""
+    return token_loss(y, target) if per_token else F.mse_loss(y.float(), target.float())
+
+
 def _step_loss(layer: torch.nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor, kwargs: dict,
                target: torch.Tensor, bf16: bool, per_token: bool) -> torch.Tensor:
-    """One step's loss: the layer with these weights on x, against the target (mean squared error, or `token_loss`)."""
+    """One step's loss: the layer with these weights on x, against the target (`layer_loss`)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = functional_call(layer, weights, (x,), kwargs)
     out = out[0] if isinstance(out, tuple) else out
-    return token_loss(out, target) if per_token else F.mse_loss(out.float(), target.float())
+    return layer_loss(out, target, per_token)
 
 
 @functools.cache
@@ -88,9 +93,9 @@ def _compiled_step_loss() -> Callable[..., torch.Tensor]:
 
 
 def output_loss(y: torch.Tensor, target: torch.Tensor, per_token: bool) -> float:
-    """The error refine reports and keeps codes by, over all windows: the steps' loss, one window at a time (no
+    """The error refine reports and keeps codes by, over all windows: `layer_loss`, one window at a time (no
     whole-stream temporaries)."""
-    return sum(float(token_loss(a, b) if per_token else F.mse_loss(a.float(), b.float())) for a, b in zip(y, target)) / len(y)
+    return sum(float(layer_loss(a, b, per_token)) for a, b in zip(y, target)) / len(y)
 
 
 def output_error(layer: torch.nn.Module, x: torch.Tensor, kwargs: dict, target: torch.Tensor, device: torch.device,
