@@ -96,15 +96,15 @@ class _Block(nn.Module):
 
 
 def _plain_error(block: _Block, weights: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor,
-                 per_token: bool = False) -> float:
-    """The block's mean squared output error with the given weights, written out in float64 (per_token: each
-    token's relative to its target's mean square)."""
+                 power: float = 0.0) -> float:
+    """The block's output error with the given weights, written out in float64: each token's mean squared error
+    over its target's mean square to the power `power`, averaged."""
     x64, t64 = x.double(), target.double()
     w = {n: t.double() for n, t in weights.items()}
     h = torch.nn.functional.silu(x64 @ w["gate"].t()) * (x64 @ w["up"].t())
     y = x64 + h @ w["down"].t() + block.down.bias.detach().double()
     err = (y - t64).square().mean(-1)
-    return float((err / t64.square().mean(-1) if per_token else err).mean())
+    return float((err / t64.square().mean(-1) ** power).mean())
 
 
 def _rounded_block(seed: int, samples: int, bits: int, loud_tokens: bool = False):
@@ -127,21 +127,22 @@ def _rounded_block(seed: int, samples: int, bits: int, loud_tokens: bool = False
     return block, x, target, lmap, spec, rounded, quantized
 
 
-@pytest.mark.parametrize("bf16,compiled,per_token", [(False, False, False), (True, False, False), (False, True, False),
-                                                     (False, False, True)], ids=["fp32", "bf16", "compiled", "token-loss"])
-def test_refine_lowers_the_blocks_error_against_a_plain_reference(bf16, compiled, per_token):
-    """Eager and through torch.compile (where a compiler is found; auto leaves a block this small eager), on the
-    mean squared error and on the per-token relative loss (some tokens' inputs 30x the rest, as in an LLM's
-    residual stream, which plain MSE lets dominate)."""
+@pytest.mark.parametrize("bf16,compiled,power", [(False, False, 0.0), (False, False, 0.5), (True, False, 0.5),
+                                                 (False, True, 0.5), (False, False, 1.0)],
+                         ids=["mse", "rms", "bf16", "compiled", "relative"])
+def test_refine_lowers_the_blocks_error_against_a_plain_reference(bf16, compiled, power):
+    """Eager and through torch.compile (where a compiler is found; auto leaves a block this small eager), on each
+    token's error weighted by its target's mean square to the power -0, -0.5 (the default) and -1, with some
+    tokens' inputs 30x the rest (as in an LLM's residual stream, which plain MSE lets dominate)."""
     if compiled and not compiles("cpu"):
         pytest.skip("torch.compile finds no C++ compiler here")
-    block, x, target, lmap, spec, rounded, quantized = _rounded_block(seed=0, samples=16, bits=2, loud_tokens=per_token)
-    before = _plain_error(block, {n: q.dequantize() for n, q in quantized.items()}, x, target, per_token)
+    block, x, target, lmap, spec, rounded, quantized = _rounded_block(seed=0, samples=16, bits=2, loud_tokens=True)
+    before = _plain_error(block, {n: q.dequantize() for n, q in quantized.items()}, x, target, power)
     report = LayerReport()
-    settings = RefineSettings(60, 4, bf16=bf16, compile=compiled or None, per_token=per_token)
+    settings = RefineSettings(60, 4, bf16=bf16, compile=compiled or None, token_power=power)
     y = refine_layer(block, lmap, x, {}, target, quantized, rounded, dict.fromkeys(lmap.linears, spec), settings, seed=0,
                      device=torch.device("cpu"), tokens=4096, report=report)
-    after = _plain_error(block, {n: q.dequantize() for n, q in quantized.items()}, x, target, per_token)
+    after = _plain_error(block, {n: q.dequantize() for n, q in quantized.items()}, x, target, power)
     assert report.refine["compile"] == compiled
     assert report.refine["kept"] and after < 0.9 * before, (before, after)
     assert report.refine["error_before"] == pytest.approx(before, rel=1e-4)
@@ -233,5 +234,6 @@ def test_refine_target(target):
         for n, qw in quantized.items():
             rounded_out.get_submodule(n).weight.copy_(qw.dequantize())
         assert torch.allclose(y, rounded_out(x), atol=1e-5)
-    assert report.refine["error_after"] == pytest.approx(float((y - wanted).square().mean()), rel=1e-4)
+    rms_weighted = (y - wanted).square().mean(-1) / wanted.square().mean(-1).sqrt()  # the default --refine-token-power 0.5
+    assert report.refine["error_after"] == pytest.approx(float(rms_weighted.mean()), rel=1e-4)
     assert (y_fp is None) if target == "layer" else torch.equal(y_fp, on_fp)

@@ -6,7 +6,9 @@ Runs the full-precision model (in fp32) and every checkpoint (loaded by `quantoo
 windows of the text (`quantool.text.windows`, as quantool draws calibration windows) and prints, per decoder layer,
 the mean squared error of each checkpoint's hidden states against the full-precision model's, averaged over the
 windows, and how far the worst window is above that mean (one window dominating a layer's error). The last row is
-the final norm's output, which the LM head reads.
+the final norm's output, which the LM head reads. A second table splits each layer's error between each window's
+first token (from SmolLM2's layer 11 on, a token of ~24,000 in one channel) and the rest, each token's error divided
+by its full-precision hidden state's mean square: the error the next RMSNorm sees, to first order.
 """
 
 from __future__ import annotations
@@ -49,12 +51,18 @@ def main() -> None:
     errors = {}
     for path in args.checkpoints:
         model, _ = quantool.load(path, device="cpu")
-        per_window = ((hidden_states(model, ids, args.batch) - ref) ** 2).mean(dim=(2, 3))[1:]  # [layers, windows]
-        errors[path] = {"mse": per_window.mean(1).tolist(), "worst_window_ratio": (per_window.max(1).values / per_window.mean(1)).tolist()}
+        per_token = ((hidden_states(model, ids, args.batch) - ref) ** 2).mean(-1)[1:]  # [layers, windows, seq]
+        per_window = per_token.mean(-1)
+        relative = per_token / ref[1:].pow(2).mean(-1)
+        errors[path] = {"mse": per_window.mean(1).tolist(), "worst_window_ratio": (per_window.max(1).values / per_window.mean(1)).tolist(),
+                        "relative_first_token": relative[:, :, 0].mean(1).tolist(), "relative_rest": relative[:, :, 1:].mean((1, 2)).tolist()}
         del model
     print("layer " + "".join(f"{Path(p).name[:30]:>34}" for p in args.checkpoints))
     for layer in range(len(ref) - 1):
         print(f"{layer:5d} " + "".join(f"{e['mse'][layer]:>20.4g} (worst {e['worst_window_ratio'][layer]:4.1f}x)" for e in errors.values()))
+    print("relative error: first token / the rest")
+    for layer in range(len(ref) - 1):
+        print(f"{layer:5d} " + "".join(f"{e['relative_first_token'][layer]:>20.3g} / {e['relative_rest'][layer]:<11.3g}" for e in errors.values()))
     if args.out:
         args.out.write_text(json.dumps({"model": args.model, "text": args.text, "windows": args.windows, "seqlen": args.seqlen,
                                         "seed": args.seed, "torch": torch.__version__, "errors": errors}, indent=2) + "\n")

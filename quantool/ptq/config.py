@@ -29,11 +29,6 @@ class RefineTarget(Choice):
     LAYER = "layer"
 
 
-class RefineLoss(Choice):
-    MSE = "mse"
-    TOKEN = "token"
-
-
 class Order(Choice):
     NATURAL = "natural"
     ACT = "act"
@@ -98,9 +93,10 @@ class PTQConfig:
                                       "can build kernels (a C++ compiler on CPU, Triton on CUDA), for layers of at least "
                                       "2^20 refined weights without experts: 1.1-1.3x faster per SmolLM2 step on two CPUs.",
                                       flag="--refine-compile/--no-refine-compile")
-    refine_loss: RefineLoss = opt(RefineLoss.MSE, "--refine: a layer's loss: mse (mean squared error of its outputs, "
-                                  "SignRound's) or token (each token's squared error relative to its target's mean square, "
-                                  "so the few tokens of very large activations do not outweigh the rest).", choices=RefineLoss)
+    refine_token_power: float = opt(0.5, "--refine: a layer's loss weighs each token's squared error by its target's mean "
+                                    "square to the power -P: 0 is SignRound's plain MSE (carried by the few tokens of very "
+                                    "large activations), 1 each token's relative error (lets those tokens get worse), 0.5 "
+                                    "each token's error over its RMS (measured best on SmolLM2: docs/quantization.md).")
     refine_lr: float = opt(1.0, "--refine: learning rate as a multiple of SignRound's 1/N (decaying linearly to 0); lower "
                            "moves fewer codes (docs/quantization.md has the measurements).")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1 ...")
@@ -128,7 +124,7 @@ class PTQConfig:
         from quantool.ptq.refine import RefineSettings
 
         return RefineSettings(self.refine, self.refine_batch, self.refine_lr, bool(self.refine_bf16), self.refine_compile,
-                              self.refine_loss == RefineLoss.TOKEN)
+                              self.refine_token_power)
 
     def spec(self) -> QuantSpec:
         from quantool.formats import LAYOUTS
@@ -141,7 +137,6 @@ class PTQConfig:
         self.method = Method.parse(self.method, "method")
         self.order = Order.parse(self.order, "--order")
         self.refine_target = RefineTarget.parse(self.refine_target, "--refine-target")
-        self.refine_loss = RefineLoss.parse(self.refine_loss, "--refine-loss")
 
     def validate(self) -> PTQConfig:
         if self.method in LAYERWISE:
@@ -155,8 +150,9 @@ class PTQConfig:
                                 f"e.g. 0.01 or 0.05")
         if self.static_groups and self.order != "act":
             raise QuantoolError("--static-groups only matters with --order act")
-        if self.refine < 0 or self.refine_batch < 1 or not self.refine_lr > 0:
-            raise QuantoolError("--refine must be >= 0 (0: off), --refine-batch >= 1 and --refine-lr > 0")
+        if self.refine < 0 or self.refine_batch < 1 or not self.refine_lr > 0 or not 0 <= self.refine_token_power <= 1:
+            raise QuantoolError("--refine must be >= 0 (0: off), --refine-batch >= 1, --refine-lr > 0 and "
+                                "--refine-token-power between 0 and 1")
         if self.awq_search_tokens < 1:
             raise QuantoolError("--awq-search-tokens must be at least 1")
         for bits in set((self.module_bits or {}).values()):

@@ -199,7 +199,7 @@ def quantize_and_refine(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor,
     quantized, report, y = DRIVERS[cfg.method].quantize_layer(layer, lmap, x, kwargs, specs, cfg, device, rounded=rounded)
     # GPTQ's outputs are the quantized layer's on x: their error is refine's starting point (AWQ's are its target)
     settings = cfg.refine_settings()
-    before = None if y is None or target is None else output_loss(y, target, settings.per_token)
+    before = None if y is None or target is None else output_loss(y, target, settings.token_power)
     target = y if target is None else target
     del y  # GPTQ's outputs are replaced by the refined layer's
     refined_y = refine_layer(layer, lmap, x, kwargs, target, quantized, rounded, specs, settings, seed, device,

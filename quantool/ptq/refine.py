@@ -2,7 +2,8 @@
 (Cheng et al. 2023, arXiv 2309.05516, algorithm 1; AutoRound's `quant_block`).
 
 Starting from the method's codes and scales (`quant.rounding.LearnedRounding`), N steps of signed gradient descent,
-each on a random batch of calibration windows, minimise the mean squared error between the layer's output with
+each on a random batch of calibration windows, minimise the error (`layer_loss`: each token's squared error over
+its target's RMS by default, SignRound's plain mean squared error with token_power 0) between the layer's output with
 the learned rounding, on the pipeline's inputs (the outputs of the already-quantized layers), and the target the
 pipeline passes: the full-precision model's own output of this layer (AutoRound's default, so a layer also
 corrects the error of those before it) or the full-precision layer's on the same inputs. The learning rate decays
@@ -42,37 +43,38 @@ class RefineSettings:
     each step's forward and backward under bfloat16 autocast (the codes kept are still judged in the layer's dtype);
     compile: each step's layer forward and loss through torch.compile (None: where `device.compiles`, for layers of
     at least COMPILE_MIN_WEIGHTS refined weights without experts, whose data-dependent routing splits the graph);
-    per_token: the loss weighs each token's squared error by the inverse of its target's mean square (`token_loss`)."""
+    token_power: the loss weighs each token's squared error by its target's mean square to this power, negated
+    (`layer_loss`: 0 is plain MSE, 1 each token's relative error)."""
 
     steps: int
     batch: int = 8
     lr: float = 1.0
     bf16: bool = False
     compile: bool | None = None
-    per_token: bool = False
+    token_power: float = 0.5
 
 
-def token_loss(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Each token's mean squared error relative to its target's mean square, averaged: the error the next RMSNorm
-    sees, to first order. Plain MSE of a residual stream is carried by the few tokens whose activations are orders
-    of magnitude larger than the rest (from SmolLM2's layer 11 on, one window of 32 holds 6-25x the mean error), which
-    every later norm scales down."""
+def layer_loss(y: torch.Tensor, target: torch.Tensor, token_power: float) -> torch.Tensor:
+    """Refine's loss of a layer's outputs against target: each token's mean squared error divided by its target's
+    mean square to the power p, averaged. p = 0 is SignRound's plain MSE, which in a residual stream is carried by
+    the few tokens of very large activations (SmolLM2 from layer 11 on: each window's first token, ~24,000 in one
+    channel against a median ~2, holds 98% of the error); p = 1 is each token's relative error, the error the next
+    RMSNorm sees, to first order, which lets those tokens get worse than round-to-nearest. In between, p = 0.5 (each
+    token's error over its RMS) keeps them near round-to-nearest and takes the others' relative error most of the way
+    to p = 1's (docs/quantization.md has the measurements)."""
+    if token_power == 0:
+        return F.mse_loss(y.float(), target.float())
     t = target.float()
-    return ((y.float() - t).pow(2).mean(-1) / t.pow(2).mean(-1).clamp_min(1e-12)).mean()
-
-
-def layer_loss(y: torch.Tensor, target: torch.Tensor, per_token: bool) -> torch.Tensor:
-    """Refine's loss of a layer's outputs against target: `token_loss`, or the mean squared error."""
-    return token_loss(y, target) if per_token else F.mse_loss(y.float(), target.float())
+    return ((y.float() - t).pow(2).mean(-1) / t.pow(2).mean(-1).clamp_min(1e-12).pow(token_power)).mean()
 
 
 def _step_loss(layer: torch.nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor, kwargs: dict,
-               target: torch.Tensor, bf16: bool, per_token: bool) -> torch.Tensor:
+               target: torch.Tensor, bf16: bool, token_power: float) -> torch.Tensor:
     """One step's loss: the layer with these weights on x, against the target (`layer_loss`)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = functional_call(layer, weights, (x,), kwargs)
     out = out[0] if isinstance(out, tuple) else out
-    return layer_loss(out, target, per_token)
+    return layer_loss(out, target, token_power)
 
 
 @functools.cache
@@ -92,17 +94,17 @@ def _compiled_step_loss() -> Callable[..., torch.Tensor]:
     return run
 
 
-def output_loss(y: torch.Tensor, target: torch.Tensor, per_token: bool) -> float:
+def output_loss(y: torch.Tensor, target: torch.Tensor, token_power: float) -> float:
     """The error refine reports and keeps codes by, over all windows: `layer_loss`, one window at a time (no
     whole-stream temporaries)."""
-    return sum(float(layer_loss(a, b, per_token)) for a, b in zip(y, target)) / len(y)
+    return sum(float(layer_loss(a, b, token_power)) for a, b in zip(y, target)) / len(y)
 
 
 def output_error(layer: torch.nn.Module, x: torch.Tensor, kwargs: dict, target: torch.Tensor, device: torch.device,
-                 tokens: int, per_token: bool) -> tuple[float, torch.Tensor]:
+                 tokens: int, token_power: float) -> tuple[float, torch.Tensor]:
     """`output_loss` of the layer's outputs over all windows, and the outputs."""
     y = run_layer(layer, x, kwargs, device, tokens)
-    return output_loss(y, target, per_token), y
+    return output_loss(y, target, token_power), y
 
 
 def _refinable(layer: torch.nn.Module, lmap: LayerMap, quantized: dict[str, QuantizedWeight]) -> list[str]:
@@ -127,7 +129,7 @@ def refine_layer(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs
     the method's output error where the caller measured it (else one more pass over the windows measures it)."""
     names = _refinable(layer, lmap, quantized)
     if before is None:
-        before = output_error(layer, x, kwargs, target, device, tokens, settings.per_token)[0]
+        before = output_error(layer, x, kwargs, target, device, tokens, settings.token_power)[0]
     learners = {n: LearnedRounding(rounded[n].to(device), quantized[n], specs[n].maxq) for n in names}
     compiled = settings.compile if settings.compile is not None else (
         compiles(device.type) and sum(r.w.numel() for r in learners.values()) >= COMPILE_MIN_WEIGHTS
@@ -149,7 +151,7 @@ def refine_layer(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs
             for n, r in learners.items():
                 w = r()
                 weights[f"{n}.weight"] = (w.t() if transposed[n] else w).to(dtypes[n])
-            loss = step_loss(layer, weights, x[pick].to(device), kw, target[pick].to(device), settings.bf16, settings.per_token)
+            loss = step_loss(layer, weights, x[pick].to(device), kw, target[pick].to(device), settings.bf16, settings.token_power)
             if (value := loss.item()) < best_loss:  # the rounding this loss was computed with, before this step's update
                 best_loss, best_step = value, step
                 for n, r in learners.items():
@@ -164,7 +166,7 @@ def refine_layer(layer: torch.nn.Module, lmap: LayerMap, x: torch.Tensor, kwargs
     for n, qw in refined.items():
         w = qw.dequantize().to(device)
         set_weight(layer.get_submodule(n), w.t() if transposed[n] else w)
-    after, y = output_error(layer, x, kwargs, target, device, tokens, settings.per_token)
+    after, y = output_error(layer, x, kwargs, target, device, tokens, settings.token_power)
     report.refine = {"error_before": before, "error_after": after, "kept": after < before, "linears": len(names),
                      "compile": compiled, "best_step": best_step}
     if after < before:
