@@ -58,7 +58,7 @@ def layer_loss(y: torch.Tensor, target: torch.Tensor, token_power: float) -> tor
     """Refine's loss of a layer's outputs against target: each token's mean squared error divided by its target's
     mean square to the power p, averaged. p = 0 is SignRound's plain MSE, which in a residual stream is carried by
     the few tokens of very large activations (SmolLM2 from layer 11 on: each window's first token, ~24,000 in one
-    channel against a median ~2, holds 98% of the error); p = 1 is each token's relative error, the error the next
+    channel against a median ~2, holds over 90% of the error); p = 1 is each token's relative error, the error the next
     RMSNorm sees, to first order, which lets those tokens get worse than round-to-nearest. In between, p = 0.5 (each
     token's error over its RMS) keeps them near round-to-nearest and takes the others' relative error most of the way
     to p = 1's (docs/quantization.md has the measurements)."""
