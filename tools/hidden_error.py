@@ -48,12 +48,13 @@ def main() -> None:
     ids = torch.stack(list(text.windows(text.tokenize(tok, text.read_text(args.text)), args.windows, args.seqlen, args.seed)))
     ref = hidden_states(fp.float(), ids, args.batch)
     del fp
+    mean_square = ref[1:].pow(2).mean(-1)  # each token's, per layer: what the relative errors divide by
     errors = {}
     for path in args.checkpoints:
         model, _ = quantool.load(path, device="cpu")
         per_token = ((hidden_states(model, ids, args.batch) - ref) ** 2).mean(-1)[1:]  # [layers, windows, seq]
         per_window = per_token.mean(-1)
-        relative = per_token / ref[1:].pow(2).mean(-1)
+        relative = per_token / mean_square
         errors[path] = {"mse": per_window.mean(1).tolist(), "worst_window_ratio": (per_window.max(1).values / per_window.mean(1)).tolist(),
                         "relative_first_token": relative[:, :, 0].mean(1).tolist(), "relative_rest": relative[:, :, 1:].mean((1, 2)).tolist()}
         del model

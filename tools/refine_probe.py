@@ -11,11 +11,11 @@ carrying the full-precision model's hidden states beside them. Prints each layer
 and after refining, and at the end the relative squared error of the last layer's outputs against the
 full-precision model's (what the layers' errors add up to), and the seconds each setting took.
 
---held-out N draws the calibration windows from the text's first half only (cut at a newline near its middle, as
-tools/peer_benchmark.py does) and runs the quantized layers on N windows of its second half: the last layer's
-error split between each window's first token and the rest, raw (squared error per element) and relative to each
-token's full-precision mean square (the error the next RMSNorm sees, to first order). --scale-range LO:HI sets the
-bounds of the learned scale multipliers (`quant.rounding.SCALE_RANGE`) for the probe.
+--held-out N draws the calibration windows from the text's first half only (`peer_benchmark.split_text`) and
+runs the quantized layers on N windows of its second half: the last layer's error split between each window's first
+token and the rest, raw (squared error per element) and relative to each token's full-precision mean square (the
+error the next RMSNorm sees, to first order). --scale-range LO:HI sets the bounds of the learned scale multipliers
+(`quant.rounding.SCALE_RANGE`) for the probe.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import copy
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from shared_data import WIKITEXT
@@ -38,6 +39,8 @@ from quantool.model.structure import decoder_layers
 from quantool.ptq.config import PTQConfig
 from quantool.ptq.pipeline import DRIVERS, capture_calibration, layer_map, quantization_group, quantize_and_refine
 from quantool.quant import rounding
+
+from peer_benchmark import split_text
 
 
 def main() -> None:
@@ -69,12 +72,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         calib = args.calib
         if args.held_out:
-            raw = text.read_text(args.calib)
-            cut = raw.rfind("\n", 0, len(raw) // 2) + 1
-            calib = f"{tmp}/calibration.txt"
-            with open(calib, "w") as f:
-                f.write(raw[:cut])
-            ids = text.tokenize(source.tokenizer(), raw[cut:])
+            calib, evaluation = split_text(Path(args.calib), Path(tmp))
+            ids = text.tokenize(source.tokenizer(), text.read_text(str(evaluation)))
             weights.load(model, "", weights.outside_keys(prefix))
             held = capture_inputs(model, layers, text.windows(ids, args.held_out, args.seqlen, args.seed, print), device)
         cfg = PTQConfig(method="gptq", bits=args.bits, group_size=args.group_size, calib=calib, nsamples=args.nsamples,
@@ -84,10 +83,11 @@ def main() -> None:
         weights.load(layers[i], f"{prefix}.{i}.")
         if i < first:
             x0 = run_layer(layers[i], x0, kwargs, device, cfg.chunk_tokens)
-            held = held and (run_layer(layers[i], held[0], held[1], device, cfg.chunk_tokens), held[1])
+            if held:
+                held = run_layer(layers[i], held[0], held[1], device, cfg.chunk_tokens), held[1]
     group = quantization_group(layers, cfg, LAYOUTS["gptq"])
     fp = {i: copy.deepcopy(layers[i].state_dict()) for i in range(first, last + 1)}
-    held_fp = held and _through(layers[first:last + 1], *held, cfg.chunk_tokens)
+    held_fp = _through(layers[first:last + 1], *held, device, cfg.chunk_tokens) if held else None
     for setting in args.settings:
         parts = setting.split(":")
         method, steps, lr, target, dtype, power = parts + ["1", "model", "fp32", "0.5"][len(parts) - 2:]  # the defaults of what is left out
@@ -116,16 +116,16 @@ def main() -> None:
         rel = float((x - x_fp).square().sum() / x_fp.square().sum())
         print(f"{setting}: layers {first}-{last}, relative error of the last output {rel:.4g}, {time.perf_counter() - t0:.0f} s", flush=True)
         if held and held_fp is not None:
-            err = (_through(layers[first:last + 1], *held, cfg.chunk_tokens) - held_fp).square().mean(-1)  # [windows, seq]
+            err = (_through(layers[first:last + 1], *held, device, cfg.chunk_tokens) - held_fp).square().mean(-1)  # [windows, seq]
             relative = err / held_fp.square().mean(-1)
             print(f"{setting}: held out, raw first token {float(err[:, 0].mean()):.4g} rest {float(err[:, 1:].mean()):.4g}, "
                   f"relative first token {float(relative[:, 0].mean()):.3g} rest {float(relative[:, 1:].mean()):.3g}", flush=True)
 
 
-def _through(layers: torch.nn.ModuleList, x: torch.Tensor, kwargs: dict, tokens: int) -> torch.Tensor:
+def _through(layers: torch.nn.ModuleList, x: torch.Tensor, kwargs: dict, device: torch.device, tokens: int) -> torch.Tensor:
     """x through the layers as they are (full precision before any setting, a setting's quantized ones after it)."""
     for layer in layers:
-        x = run_layer(layer, x, kwargs, torch.device("cpu"), tokens)
+        x = run_layer(layer, x, kwargs, device, tokens)
     return x
 
 
