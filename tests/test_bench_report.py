@@ -68,6 +68,17 @@ def test_bench_results_and_kernels(results):
         assert s["decode_tokens_per_s"] > 0 and s["prefill_tokens_per_s"] > 0 and s["time_to_first_token_s"] > 0
 
 
+@pytest.mark.parametrize("config, method", [({"method": "rtn", "refine": 0}, "rtn"),
+                                            ({"method": "rtn", "refine": 50}, "rtn + refine 50"),
+                                            ({"method": "gptq", "order": "group", "refine": 150}, "gptq (group order) + refine 150")])
+def test_bench_names_the_method_and_its_refine_steps(tmp_path, config, method):
+    """A refined checkpoint is named with its steps in results and reports, not as the plain method."""
+    from quantool.eval.bench import describe_checkpoint
+
+    write_json({"config": config, "seconds": 1.0, "version": "0.1.0"}, tmp_path / "quantool.json")
+    assert describe_checkpoint(tmp_path)["method"] == method
+
+
 def test_speed_runs_in_the_dtype_a_cpu_user_would_run(results):
     """bf16 where the CPU has bf16 units, else fp32 (never emulated fp16), recorded in the results and named in the
     report; a results file whose baseline dtype was emulated or not recorded gets no speed-up column."""

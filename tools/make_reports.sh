@@ -28,10 +28,11 @@ ptq() {
     q rtn "rtn-w${b}g64" --bits $b --group-size 64
     q gptq "gptq-w${b}g64" --bits $b --group-size 64
     q awq "awq-w${b}g64" --bits $b --group-size 64
+    q rtn "rtn-refine50-w${b}g64" --bits $b --group-size 64 --refine 50
   done
   [ -d "$RUNS/int8" ] || quantool int8 "$MODEL" -o "$RUNS/int8"
   [ -d "$RUNS/nf4" ] || quantool nf4 "$MODEL" -o "$RUNS/nf4"
-  quantool bench "$MODEL" "$RUNS"/{rtn,gptq,awq}-w4g64 "$RUNS"/{rtn,gptq,awq}-w3g64 "$RUNS/int8" "$RUNS/nf4" \
+  quantool bench "$MODEL" "$RUNS"/{rtn,gptq,awq,rtn-refine50}-w4g64 "$RUNS"/{rtn,gptq,awq,rtn-refine50}-w3g64 "$RUNS/int8" "$RUNS/nf4" \
     "${EVAL[@]}" -o reports/smollm2-ptq.json
   quantool report reports/smollm2-ptq.json -o reports/smollm2-ptq.md > /dev/null
 }

@@ -146,7 +146,8 @@ def markdown(data: dict) -> str:
             lines.append(f"| {r['label']} | {r['tool']} | – | – | – | – | – | – | – |")
             continue
         rtn = next((x["ppl"] for x in data["runs"] if x["tool"] == "quantool" and x["label"] == r["rtn_label"]), None)
-        rec = "" if rtn is None or r["label"] == r["rtn_label"] else f"{(rtn - r['ppl']) / (rtn - base):.0%}"
+        share = None if rtn is None or r["label"] == r["rtn_label"] else (rtn - r["ppl"]) / (rtn - base)
+        rec = "" if share is None else f"{share:.0%}" if share < 0.995 else f"{share:.2%}"  # w2's RTN: all near 100%
         ours = min((x for x in data["runs"] if x["label"].split()[-2:] == r["label"].split()[-2:] and x["tool"] == "quantool"
                     and x["label"] != x["rtn_label"] and not x.get("error")), key=lambda x: x["ppl"], default=None)
         ratios = ("| – | –" if ours is None or r["tool"].startswith("quantool") else

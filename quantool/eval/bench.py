@@ -89,7 +89,7 @@ def describe_checkpoint(path: Path) -> dict:
     """What a checkpoint directory is, whoever wrote it: method, bits, group size, the tool that wrote it,
     size on disk and (for quantool's) quantization time. Other tools are named from the quantizer their
     quantization_config records (GPT-QModel writes meta.quantizer, llm-compressor its own keys)."""
-    info = {"path": str(path), "name": path.name, "method": "fp16", "bits": 16, "group_size": None, "quant_seconds": None,
+    info: dict[str, Any] = {"path": str(path), "name": path.name, "method": "fp16", "bits": 16, "group_size": None, "quant_seconds": None,
             "tool": None}
     cfg_path = path / "config.json"
     if cfg_path.exists():
@@ -120,6 +120,8 @@ def describe_checkpoint(path: Path) -> dict:
             info["method"] = "fine-tune, then rtn (control)"
         elif info["method"] == "qat" and cfg.get("lora_rank"):
             info["method"] = f"qat (LoRA r{cfg['lora_rank']})"
+        if cfg.get("refine"):
+            info["method"] += f" + refine {cfg['refine']}"
     info["size_bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.exists() else None
     return info
 
