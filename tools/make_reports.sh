@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates the SmolLM2-135M reports from ../shared: `ptq` (about 65 minutes on 2 CPU cores: 30 to quantize,
-# 35 to evaluate) and `qat` (about 15 minutes on one H100, used when CUDA is there; hours on 2 CPU cores).
+# Regenerates the SmolLM2-135M reports from ../shared: `ptq` (about 95 minutes on 2 CPU cores: 60 to quantize, half of it the two
+# `--refine 50` runs; 35 to evaluate) and `qat` (about 15 minutes on one H100, used when CUDA is there; hours on 2 CPU cores).
 #   bash tools/make_reports.sh ptq|qat|all
 # Calibration and QAT training use the first 45% of WikiText-2 test's characters (cut at a newline);
 # every perplexity is measured on the last 50% of its tokens, so the two never overlap.
